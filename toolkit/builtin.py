@@ -1,0 +1,211 @@
+"""The built-in model `builtin:tiny-mllama`: a real Mllama architecture, tiny and random, built offline.
+
+It lets every command (and every test) run with no download. It is generated deterministically on first use into a
+cache directory (`$TOOLKIT_CACHE`, default `~/.cache/toolkit`) and then loaded like any local checkpoint, so the
+code path is the one a hub model takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_NAMES = ("tiny-mllama",)
+BUILD_VERSION = "v1"  # bump when the recipe below changes, so old caches are not reused
+
+# Llama 3's special tokens in Llama 3's order; the reserved ones fill the block to 256, and `<|image|>` comes last,
+# one past the text vocabulary, exactly where Llama 3.2 Vision puts it.
+NAMED_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+]
+SPECIAL_BLOCK = 256
+IMAGE_TOKEN = "<|image|>"
+PAD_TOKEN = "<|finetune_right_pad_id|>"
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+BPE_VOCAB_SIZE = 4000
+
+# CLIP's normalisation, which Llama 3.2 Vision's image processor uses.
+IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+TILE_SIZE = 28
+
+
+def is_builtin(name: str) -> bool:
+    return name.startswith(BUILTIN_PREFIX)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TOOLKIT_CACHE", Path.home() / ".cache" / "toolkit")).expanduser()
+
+
+def all_special_tokens() -> list[str]:
+    reserved = [f"<|reserved_special_token_{i}|>" for i in range(2, SPECIAL_BLOCK - len(NAMED_SPECIAL_TOKENS) + 2)]
+    return NAMED_SPECIAL_TOKENS + reserved + [IMAGE_TOKEN]
+
+
+def chat_template() -> str:
+    return resources.files("toolkit").joinpath("assets/llama3_vision_chat_template.jinja").read_text("utf-8")
+
+
+def tokenizer_corpus() -> list[str]:
+    text = resources.files("toolkit").joinpath("assets/tokenizer_corpus.txt").read_text("utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _asset_fingerprint() -> str:
+    """Changes whenever the corpus or template changes, so a stale cache is rebuilt instead of silently reused."""
+    digest = hashlib.sha256((chat_template() + "\n".join(tokenizer_corpus())).encode("utf-8")).hexdigest()
+    return digest[:10]
+
+
+def builtin_dir(name: str) -> Path:
+    short = name.removeprefix(BUILTIN_PREFIX)
+    return cache_root() / "builtin" / f"{short}-{BUILD_VERSION}-{_asset_fingerprint()}"
+
+
+def ensure_builtin(name: str) -> Path:
+    """Return the directory holding the built-in model, building it first if it is not cached yet."""
+    from toolkit.errors import ToolkitError
+
+    short = name.removeprefix(BUILTIN_PREFIX)
+    if short not in BUILTIN_NAMES:
+        choices = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)
+        raise ToolkitError(f"unknown built-in model '{name}'; built-in models: {choices}")
+    target = builtin_dir(name)
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        build_tiny_mllama(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first; its copy is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def train_tokenizer():
+    """A Llama-3-style byte-level BPE (same split regex, same special tokens), trained on the shipped corpus."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(ignore_merges=True))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    bpe.add_special_tokens(all_special_tokens())
+    bos = NAMED_SPECIAL_TOKENS[0]
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bpe.token_to_id(bos))]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=bos,
+        eos_token="<|eot_id|>",
+        pad_token=PAD_TOKEN,
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = chat_template()
+    return tokenizer
+
+
+def tiny_mllama_config(tokenizer):
+    """A few-hundred-thousand-parameter Mllama: 4 text layers (one cross-attention), a 2+1-layer vision tower."""
+    from transformers import MllamaConfig
+
+    token_id = tokenizer.convert_tokens_to_ids
+    vision_hidden = 32
+    intermediate_layers = [0]
+    vision = dict(
+        hidden_size=vision_hidden,
+        num_hidden_layers=2,
+        num_global_layers=1,
+        attention_heads=2,
+        intermediate_size=64,
+        image_size=TILE_SIZE,
+        patch_size=14,
+        max_num_tiles=1,
+        supported_aspect_ratios=[[1, 1]],
+        intermediate_layers_indices=intermediate_layers,
+        vision_output_dim=vision_hidden * (1 + len(intermediate_layers)),
+    )
+    text = dict(
+        vocab_size=token_id(IMAGE_TOKEN),  # the image token sits just past the text vocabulary, as in Llama 3.2
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        cross_attention_layers=[2],
+        max_position_embeddings=2048,
+        rope_theta=500000.0,
+        bos_token_id=token_id("<|begin_of_text|>"),
+        eos_token_id=[token_id("<|end_of_text|>"), token_id("<|eom_id|>"), token_id("<|eot_id|>")],
+        pad_token_id=token_id(PAD_TOKEN),
+    )
+    return MllamaConfig(vision_config=vision, text_config=text, image_token_index=token_id(IMAGE_TOKEN))
+
+
+def image_processor():
+    try:
+        from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil as cls
+    except ImportError:  # older transformers name the PIL processor plainly
+        from transformers import MllamaImageProcessor as cls
+    return cls(
+        size={"height": TILE_SIZE, "width": TILE_SIZE},
+        max_image_tiles=1,
+        image_mean=IMAGE_MEAN,
+        image_std=IMAGE_STD,
+    )
+
+
+def build_tiny_mllama(target: Path) -> None:
+    import torch
+    from transformers import GenerationConfig, MllamaForConditionalGeneration, MllamaProcessor
+
+    tokenizer = train_tokenizer()
+    config = tiny_mllama_config(tokenizer)
+    torch.manual_seed(0)
+    model = MllamaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.text_config.bos_token_id,
+        eos_token_id=config.text_config.eos_token_id,
+        pad_token_id=config.text_config.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(target)
+    processor = MllamaProcessor(image_processor=image_processor(), tokenizer=tokenizer, chat_template=chat_template())
+    processor.save_pretrained(target)
+    tokenizer.save_pretrained(target)

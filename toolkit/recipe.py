@@ -1,0 +1,211 @@
+"""The recipe: one small typed schema, loaded from YAML, with `--set a.b=value` overrides.
+
+Every section forbids unknown keys, so a typo is an error that names its key path and the valid keys instead of a
+setting that is silently ignored. All problems are collected and reported together.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from toolkit.errors import ToolkitError
+from toolkit.formatters import FORMATTERS
+
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe inside a run directory
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+    name: str = Field(description="Hub id, local directory, or builtin:tiny-mllama.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Precision = Field("auto", description="dtype of the frozen base weights; auto follows train.precision.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel.")
+
+
+class QuantizationSection(Section):
+    mode: Literal["none", "8bit", "4bit"] = Field("none", description="bitsandbytes quantization of the base model.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="4-bit: quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Precision = Field("auto", description="4-bit matmul dtype; auto follows train.precision.")
+    int8_threshold: float = Field(6.0, ge=0, description="8-bit: outlier threshold (LLM.int8()).")
+    skip_modules: list[str] | None = Field(None, description="Modules left unquantized (lm_head always is).")
+
+
+class LoraSection(Section):
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    targets: list[str] | str = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names (a list) or one regex over full module paths (a string).",
+    )
+    scope: Literal["language", "vision", "all"] = Field(
+        "language", description="Which tower a list of targets may touch; a regex may not reach past it either."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+
+
+class DataSection(Section):
+    train: str = Field(description="Training rows, JSON Lines.")
+    eval: str | None = Field(None, description="Held-out rows, JSON Lines.")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Hold out this share of train when eval is not given.")
+    formatter: str = Field("alpaca", description="How a row becomes a conversation.")
+    system_prompt: str | None = Field(None, description="System message for every row (text-only rows).")
+    too_long: Literal["truncate", "drop"] = Field("truncate", description="Rows longer than train.max_seq_length.")
+    glossary: str | None = Field(None, description="Term list (one per line) for eval when rows carry no terms.")
+    date_string: str = Field("26 Jul 2024", description="Date the chat template stamps in; pinned so text is stable.")
+
+    @field_validator("formatter")
+    @classmethod
+    def _known_formatter(cls, value: str) -> str:
+        if value not in FORMATTERS:
+            raise ValueError(f"unknown formatter '{value}'; choose one of: {', '.join(sorted(FORMATTERS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> "DataSection":
+        if self.eval is not None and self.eval_fraction > 0:
+            raise ValueError("data.eval and data.eval_fraction cannot be used together; pick one")
+        return self
+
+
+class TrainSection(Section):
+    epochs: float = Field(3, gt=0, description="Passes over the training rows (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(2, gt=0, description="Rows per device per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optim: str = Field("adamw_torch", description="Any optimizer name transformers' Trainer accepts.")
+    max_seq_length: int = Field(512, gt=0, description="Longest row in tokens (see data.too_long).")
+    seed: int = Field(42, description="Seed for init, shuffling and dropout.")
+    precision: Precision = Field("auto", description="auto: bf16 where the GPU supports it, fp16 otherwise, fp32 on CPU.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (slower).")
+    group_by_length: bool = Field(False, description="Batch rows of similar length together (less padding).")
+    liger_kernel: bool = Field(False, description="Use Liger's fused kernels (GPU, needs liger-kernel).")
+    logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(200, gt=0, description="Checkpoint every this many steps.")
+    save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate loss on the eval rows every this many steps.")
+
+
+class Recipe(Section):
+    model: ModelSection
+    quantization: QuantizationSection = QuantizationSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection
+    train: TrainSection = TrainSection()
+    output_dir: str | None = Field(None, description="Run directory; default runs/<recipe file name>.")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value), the value read as YAML so numbers, booleans and lists keep their type."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ToolkitError(f"--set expects KEY=VALUE (e.g. train.max_steps=5), got '{text}'")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The valid keys of the section at `loc`, for error messages."""
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _field_path(loc: tuple) -> tuple:
+    """Drop the union-member labels pydantic adds (e.g. `list[str]`), keeping key names and list indexes."""
+    return tuple(p for p in loc if isinstance(p, int) or not any(c in str(p) for c in "[]") and p != "str")
+
+
+def describe_error(error: dict) -> str:
+    loc = _field_path(error["loc"])
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{path}: unknown key{hint}; valid keys here: {', '.join(valid)}"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    if kind == "literal_error":
+        return f"{path}: {error['input']!r} is not allowed; choose one of: {error['ctx']['expected']}"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"{path}: {message} (got {error['input']!r})"
+    return f"{path}: {message}"
+
+
+def _unique(messages: list[str]) -> list[str]:
+    return list(dict.fromkeys(messages))
+
+
+def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise ToolkitError(f"{source}: expected a mapping of sections (model, data, ...), got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        # `list[str] | str` reports one error per union member; keep each message once.
+        problems = _unique([describe_error(e) for e in err.errors()])
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ToolkitError(f"{source} has {len(problems)} problem(s):\n{lines}") from None
+
+
+def read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ToolkitError(f"recipe not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ToolkitError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError:
+        raise ToolkitError(f"{path}: not UTF-8 text") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), overrides or [])
+    recipe = recipe_from_dict(data, source=str(path))
+    if recipe.output_dir is None:
+        recipe = recipe.model_copy(update={"output_dir": str(Path("runs") / path.stem)})
+    return recipe
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the fully resolved recipe (every default spelled out) so a run can be reproduced from its directory."""
+    text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    path.write_text(text, encoding="utf-8")

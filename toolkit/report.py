@@ -1,0 +1,51 @@
+"""Terminal output (rich tables, progress) and the JSON files every result is also written to."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(highlight=False)
+
+
+def table(title: str, columns: list[str], rows: list[list]) -> Table:
+    out = Table(title=title, title_justify="left")
+    for i, name in enumerate(columns):
+        out.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        out.add_row(*[format_cell(v) for v in row])
+    return out
+
+
+def format_cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def show(title: str, columns: list[str], rows: list[list]) -> None:
+    console.print(table(title, columns, rows))
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def progress_bar(description: str = "") -> Progress:
+    """One progress style for all long work: label, bar, done/total, elapsed and remaining time."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        transient=False,
+    )

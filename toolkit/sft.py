@@ -1,0 +1,125 @@
+"""`toolkit sft RECIPE`: LoRA fine-tuning through TRL's SFTTrainer, into a self-describing run directory."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from toolkit import modeling, runs
+from toolkit.errors import ToolkitError
+from toolkit.prepare import prepare, show_plan
+from toolkit.recipe import load_recipe
+from toolkit.report import console, show
+from toolkit.translate import to_sft_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toolkit sft", description="Fine-tune with LoRA as the recipe says.")
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set train.max_steps=5 (repeatable)")
+    parser.add_argument("--output-dir", help="run directory (overrides output_dir)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    group.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    return parser
+
+
+def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Never clobber a finished run by accident; check writability before any slow work."""
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if resume:
+        if not runs.last_checkpoint(run_dir):
+            raise ToolkitError(f"--resume: no checkpoint-* folder in {run_dir} to continue from")
+        return
+    if exists and not overwrite:
+        raise ToolkitError(f"run directory {run_dir} is not empty; pass --overwrite to replace it or --resume")
+    parent = run_dir.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not runs.writable(parent):
+        raise ToolkitError(f"cannot write the run directory {run_dir}: {parent} is not writable")
+
+
+def keep_trainable_fp32(model) -> None:
+    """fp16 mixed precision needs fp32 master weights: GradScaler cannot unscale fp16/bf16 gradients.
+
+    TRL casts LoRA weights of quantized models to bf16, which makes 8-bit + fp16 crash; undo that here.
+    """
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def train(prepared, run_dir: Path, resume: bool):
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+
+    from toolkit import data
+
+    recipe = prepared.recipe
+    model = modeling.load_model(recipe, prepared.precision, prepared.device)
+    prepared.lora_modules = modeling.check_lora_targets(model, recipe.lora, prepared.lora_config)
+    train_set = data.to_dataset(prepared.train_rows, recipe.data)
+    eval_set = data.to_dataset(prepared.eval_rows, recipe.data) if prepared.eval_rows else None
+    args = to_sft_config(
+        recipe.train, prepared.precision, prepared.device, str(run_dir), eval_set is not None, recipe.data.too_long
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=prepared.tokenizer,
+        peft_config=prepared.lora_config,
+        callbacks=[runs.RichProgressCallback()],
+    )
+    trainer.remove_callback(PrinterCallback)  # the rich bar shows progress; raw log dicts would only add noise
+    if prepared.precision == "fp16":
+        keep_trainable_fp32(trainer.model)
+    show_placement(trainer.model)
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    return trainer, result, time.time() - started
+
+
+def show_placement(model) -> None:
+    counts = modeling.trainable_by_tower(model)
+    total = sum(p.numel() for p in model.parameters())
+    rows = [[tower, n] for tower, n in sorted(counts.items())]
+    rows.append(["all trainable", sum(counts.values())])
+    rows.append(["share of model", f"{100 * sum(counts.values()) / max(total, 1):.3f}%"])
+    show("Where the LoRA adapters sit (trainable parameters)", ["part", "params"], rows)
+
+
+def run(recipe, run_dir: Path, overwrite: bool, resume: bool) -> Path:
+    prepared = prepare(recipe)
+    show_plan(prepared)
+    check_run_dir(run_dir, overwrite, resume)
+    created = not run_dir.exists()
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        trainer, result, seconds = train(prepared, run_dir, resume)
+    except BaseException:
+        if created and not runs.last_checkpoint(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run behind
+        raise
+    summary = runs.save_run(trainer, prepared, run_dir, result, seconds)
+    show("Training done", ["metric", "value"], [[k, v] for k, v in summary.items() if not isinstance(v, dict)])
+    console.print(f"Adapter and run files in [bold]{run_dir}[/]. Next: toolkit eval {run_dir} --compare-base")
+    return run_dir
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.output_dir:
+        recipe = recipe.model_copy(update={"output_dir": args.output_dir})
+    run(recipe, Path(recipe.output_dir), args.overwrite, args.resume)
+    return 0

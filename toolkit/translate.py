@@ -1,0 +1,164 @@
+"""Pure translators from recipe sections to the configs TRL, PEFT and transformers already understand.
+
+No I/O and no model here: each function maps values to values, so each is tested directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from toolkit.errors import ToolkitError
+
+VISION_MARKERS = ("vision_model", "multi_modal_projector")
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """What the training device can do; the only input precision choices depend on."""
+
+    cuda: bool
+    bf16: bool
+    name: str = "cpu"
+
+
+def resolve_precision(requested: str, device: Accelerator) -> str:
+    """auto: bf16 where the GPU supports it, else fp16 on a GPU, fp32 on CPU. Refuses what the device cannot do."""
+    if requested == "auto":
+        if not device.cuda:
+            return "fp32"
+        return "bf16" if device.bf16 else "fp16"
+    if requested == "fp16" and not device.cuda:
+        raise ToolkitError("train.precision=fp16 needs a CUDA GPU and none is visible; use auto, fp32 or bf16 on CPU")
+    if requested == "bf16" and device.cuda and not device.bf16:
+        raise ToolkitError(f"train.precision=bf16 is not supported by {device.name}; use auto or fp16")
+    return requested
+
+
+def base_dtype(model_dtype: str, precision: str) -> str:
+    """The torch dtype name the frozen base weights load in."""
+    return DTYPE_NAMES[precision if model_dtype == "auto" else model_dtype]
+
+
+def to_bnb_config(quantization, precision: str):
+    """BitsAndBytesConfig for 8-bit/4-bit, None for no quantization."""
+    if quantization.mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    skip = list(quantization.skip_modules) if quantization.skip_modules else None
+    if quantization.mode == "8bit":
+        return BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=quantization.int8_threshold, llm_int8_skip_modules=skip
+        )
+    compute = precision if quantization.compute_dtype == "auto" else quantization.compute_dtype
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=DTYPE_NAMES[compute],
+        bnb_4bit_quant_storage=DTYPE_NAMES[compute],
+        llm_int8_skip_modules=skip,
+    )
+
+
+def target_pattern(lora) -> str | list[str]:
+    """LoRA targets as PEFT reads them. A list is confined to the recipe's scope by a regex over module paths;
+    a regex string is the user's own and is checked against the real module names instead (see `lora_placement`)."""
+    if isinstance(lora.targets, str):
+        return lora.targets
+    names = "|".join(sorted(set(lora.targets)))
+    towers = "|".join(VISION_MARKERS)
+    if lora.scope == "language":
+        return rf"^(?!.*(?:{towers})).*\.(?:{names})$"
+    if lora.scope == "vision":
+        return rf"^.*(?:{towers}).*\.(?:{names})$"
+    return sorted(set(lora.targets))
+
+
+def to_lora_config(lora):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_pattern(lora),
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def tower_of(module_name: str) -> str:
+    """Which part of the model a module belongs to, for placement reports and scope checks."""
+    if any(marker in module_name for marker in VISION_MARKERS):
+        return "vision"
+    if "cross_attn" in module_name:
+        return "cross-attention"
+    if "self_attn" in module_name:
+        return "self-attention"
+    if ".mlp." in module_name or module_name.endswith(".mlp"):
+        return "mlp"
+    return "other"
+
+
+def scope_violations(matched: list[str], scope: str) -> list[str]:
+    """Matched modules outside the scope the recipe asked for."""
+    if scope == "all":
+        return []
+    if scope == "language":
+        return [m for m in matched if tower_of(m) == "vision"]
+    return [m for m in matched if tower_of(m) != "vision"]
+
+
+def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_eval: bool, too_long: str) -> dict:
+    """SFTConfig's arguments for this recipe, as a plain dict (see `to_sft_config`)."""
+    kwargs = dict(
+        output_dir=output_dir,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # transformers 5 reads a value below 1 as a share of the steps
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optim,
+        seed=train.seed,
+        data_seed=train.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not device.cuda,
+        gradient_checkpointing=train.gradient_checkpointing,
+        max_length=train.max_seq_length if too_long == "truncate" else None,
+        completion_only_loss=True,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        eval_strategy="steps" if has_eval and train.eval_steps else "no",
+        eval_steps=train.eval_steps,
+        report_to="none",
+        disable_tqdm=True,
+        dataset_num_proc=None,
+        use_liger_kernel=train.liger_kernel,
+        pad_to_multiple_of=8 if precision in ("bf16", "fp16") else None,
+    )
+    if train.group_by_length:
+        kwargs["train_sampling_strategy"] = "group_by_length"
+    return kwargs
+
+
+def to_sft_config(train, precision: str, device: Accelerator, output_dir: str, has_eval: bool, too_long: str):
+    from trl import SFTConfig
+
+    kwargs = sft_kwargs(train, precision, device, output_dir, has_eval, too_long)
+    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    if "train_sampling_strategy" in kwargs and "train_sampling_strategy" not in known:  # older transformers
+        kwargs["group_by_length"] = kwargs.pop("train_sampling_strategy") == "group_by_length"
+    return SFTConfig(**kwargs)
+
