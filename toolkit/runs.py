@@ -157,3 +157,25 @@ def open_run(run_dir: str | Path):
         raise ToolkitError(f"{run_dir} is not a finished run directory (no {RECIPE_FILE} or adapter_config.json)")
     return load_recipe(run_dir / RECIPE_FILE)
 
+
+
+def load_trained(run_dir: str | Path, quantize: bool = True):
+    """Base model + the run's adapter, loaded the way the run was trained; returns (model, tokenizer, recipe).
+
+    `quantize=False` loads the base unquantized (in the run's precision) even if training used 8-bit or 4-bit.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from toolkit.translate import resolve_precision
+
+    recipe = open_run(run_dir)
+    device = modeling.detect_accelerator()
+    precision = resolve_precision(recipe.train.precision, device)
+    base = modeling.load_model(recipe, precision, device, quantize=quantize)
+    if device.cuda and (recipe.quantization.mode == "none" or not quantize):
+        base = base.to("cuda")  # quantized models are already placed by their device_map
+    model = PeftModel.from_pretrained(base, str(run_dir))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
+    return model, tokenizer, recipe
