@@ -170,3 +170,11 @@ def to_dataset(rows: list[Row], data_section):
 def read_glossary(path: str) -> list[str]:
     lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     return [t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")]
+
+
+def prompt_text(fields: dict, data_section, tokenizer) -> str:
+    """The prompt exactly as training formatted it, ending where the assistant's answer starts (for generation)."""
+    example = FORMATTERS[data_section.formatter](fields, data_section.system_prompt)
+    return tokenizer.apply_chat_template(
+        example["prompt"], tokenize=False, add_generation_prompt=True, date_string=data_section.date_string
+    )
