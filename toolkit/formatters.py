@@ -20,7 +20,8 @@ def user_text_alpaca(row: dict) -> str:
 def alpaca(row: dict, system_prompt: str | None = None) -> dict:
     prompt = [{"role": "system", "content": system_prompt}] if system_prompt else []
     prompt.append({"role": "user", "content": user_text_alpaca(row)})
-    return {"prompt": prompt, "completion": [{"role": "assistant", "content": row["output"].strip()}]}
+    answer = (row.get("output") or "").strip()  # absent when only a prompt is wanted (generation)
+    return {"prompt": prompt, "completion": [{"role": "assistant", "content": answer}]}
 
 
 FORMATTERS = {"alpaca": alpaca}
