@@ -16,7 +16,7 @@ from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_NAMES = ("tiny-mllama",)
-BUILD_VERSION = "v1"  # bump when the recipe below changes, so old caches are not reused
+BUILD_VERSION = "v2"  # bump when the recipe below changes, so old caches are not reused
 
 # Llama 3's special tokens in Llama 3's order; the reserved ones fill the block to 256, and `<|image|>` comes last,
 # one past the text vocabulary, exactly where Llama 3.2 Vision puts it.
@@ -45,6 +45,9 @@ BPE_VOCAB_SIZE = 4000
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 TILE_SIZE = 28
+# With the usual 0.02 init, a 128-wide frozen LM head caps every logit near 2.5, so no adapter could make the
+# model confident of any token (loss stays near ln(vocab)). Rows of norm ~2 let a LoRA-trained model answer.
+LM_HEAD_SCALE = 8.0
 
 
 def is_builtin(name: str) -> bool:
@@ -199,6 +202,8 @@ def build_tiny_mllama(target: Path) -> None:
     config = tiny_mllama_config(tokenizer)
     torch.manual_seed(0)
     model = MllamaForConditionalGeneration(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(LM_HEAD_SCALE)
     model.generation_config = GenerationConfig(
         bos_token_id=config.text_config.bos_token_id,
         eos_token_id=config.text_config.eos_token_id,

@@ -1,0 +1,114 @@
+"""`toolkit eval` end to end on the trained tiny run, plus the choice of eval rows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TERMS, write_jsonl
+from toolkit import data, runs
+from toolkit.cli import main
+from toolkit.errors import ToolkitError
+from toolkit.eval_cmd import eval_rows, glossary_for
+
+FAST = ["--max-new-tokens", "32"]
+METRIC_KEYS = {"n_examples", "term_accuracy", "term_recall", "exact_match"}
+
+
+def count_lines(path) -> int:
+    return sum(1 for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+def read_predictions(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "eval_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def with_data(recipe, **changes):
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update=changes)})
+
+
+def test_eval_compare_base_writes_both(tiny_run, tiny_data):
+    assert main(["eval", str(tiny_run), "--compare-base", *FAST]) == 0
+    summary = json.loads((tiny_run / "eval.json").read_text(encoding="utf-8"))
+    n_rows = count_lines(tiny_data["eval"])
+    assert summary["n_examples"] == n_rows
+    assert METRIC_KEYS <= set(summary) and METRIC_KEYS <= set(summary["base"])
+    assert summary["base"]["n_examples"] == n_rows
+    for key in ("term_accuracy", "term_recall", "exact_match"):  # every eval row has terms: numbers, not n/a
+        assert 0.0 <= summary[key] <= 1.0 and 0.0 <= summary["base"][key] <= 1.0
+    assert summary["data"] == tiny_data["eval"] and summary["run_dir"] == str(tiny_run)
+    predictions = read_predictions(tiny_run)
+    assert len(predictions) == n_rows
+    assert {"instruction", "input", "reference", "prediction", "base_prediction", "terms", "terms_found",
+            "terms_missing"} <= set(predictions[0])
+    assert predictions[0]["terms"] == [predictions[0]["input"]]
+
+
+def test_eval_limit(tiny_run, tmp_path):
+    out = tmp_path / "limited.json"
+    assert main(["eval", str(tiny_run), "--limit", "2", "--json", str(out), *FAST]) == 0
+    summary = json.loads(out.read_text(encoding="utf-8"))
+    assert summary["n_examples"] == 2 and "base" not in summary
+    assert len(read_predictions(tiny_run)) == 2
+    assert "base_prediction" not in read_predictions(tiny_run)[0]
+
+
+def test_rows_without_terms_or_glossary_are_not_available(tiny_run, tmp_path):
+    rows = [{"instruction": "다음 건설 용어를 설명하세요.", "input": t, "output": o} for t, o in TERMS.items()]
+    plain = write_jsonl(tmp_path / "plain.jsonl", rows)
+    out = tmp_path / "plain.json"
+    assert main(["eval", str(tiny_run), "--data", str(plain), "--limit", "2", "--json", str(out), *FAST]) == 0
+    summary = json.loads(out.read_text(encoding="utf-8"))
+    assert summary["term_accuracy"] is None and summary["term_recall"] is None
+    assert isinstance(summary["exact_match"], float)
+    assert read_predictions(tiny_run)[0]["terms"] is None
+
+
+def test_glossary_supplies_key_terms(tiny_run, tmp_path):
+    run_copy = tmp_path / "run"
+    shutil.copytree(tiny_run, run_copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    glossary = tmp_path / "glossary.txt"
+    glossary.write_text("# construction terms\n거푸집\n콘 크리트\n타워크레인\n", encoding="utf-8")
+    recipe = yaml.safe_load((run_copy / "recipe.yaml").read_text(encoding="utf-8"))
+    recipe["data"]["glossary"] = str(glossary)
+    (run_copy / "recipe.yaml").write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
+    rows = [{"instruction": "다음 건설 용어를 설명하세요.", "input": t, "output": o} for t, o in TERMS.items()]
+    plain = write_jsonl(tmp_path / "plain.jsonl", rows)
+    assert main(["eval", str(run_copy), "--data", str(plain), "--limit", "2", *FAST]) == 0
+    summary = json.loads((run_copy / "eval.json").read_text(encoding="utf-8"))
+    assert isinstance(summary["term_accuracy"], float) and isinstance(summary["term_recall"], float)
+    assert [p["terms"] for p in read_predictions(run_copy)] == [["거푸집", "콘 크리트"], ["콘 크리트"]]
+
+
+def test_missing_run_dir_exits_2(tmp_path):
+    assert main(["eval", str(tmp_path / "nope")]) == 2
+
+
+def test_missing_data_file_exits_2(tiny_run, tmp_path):
+    assert main(["eval", str(tiny_run), "--data", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_eval_fraction_reproduces_the_held_out_rows(tiny_run, tiny_data):
+    recipe = with_data(runs.open_run(tiny_run), eval=None, eval_fraction=0.25)
+    rows, source = eval_rows(recipe, None)
+    _, held_out = data.load_splits(recipe.data, recipe.train.seed)
+    assert [r.line for r in rows] == [r.line for r in held_out] and len(rows) == 3
+    assert tiny_data["train"] in source
+
+
+def test_no_eval_rows_is_a_clear_error(tiny_run):
+    recipe = with_data(runs.open_run(tiny_run), eval=None)
+    with pytest.raises(ToolkitError, match="--data"):
+        eval_rows(recipe, None)
+
+
+def test_glossary_is_read_only_when_rows_lack_terms(tiny_run, tmp_path):
+    recipe = with_data(runs.open_run(tiny_run), glossary=str(tmp_path / "missing.txt"))
+    with_terms = [data.Row("x", 1, {"instruction": "a", "output": "b", "terms": ["b"]})]
+    assert glossary_for(recipe, with_terms) is None
+    with pytest.raises(ToolkitError, match="data.glossary"):
+        glossary_for(recipe, [data.Row("x", 1, {"instruction": "a", "output": "b"})])

@@ -1,0 +1,257 @@
+"""`toolkit eval RUN_DIR`: generate answers for held-out rows and measure whether they use the key terms.
+
+The prompt is exactly the training prompt (`data.prompt_text`), decoding is greedy, and the metrics are the local
+`evaluate` scripts in `toolkit/metrics/` (term_accuracy, term_recall, exact_match; matching rule in
+`toolkit.terms`). `--compare-base` runs the same prompts through the same loaded model with the adapter switched
+off, so base and tuned differ only by the adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from toolkit import data, runs, terms
+from toolkit.errors import ToolkitError
+from toolkit.report import console, progress_bar, show, write_json
+
+METRICS_DIR = Path(__file__).parent / "metrics"
+METRIC_NAMES = ("term_accuracy", "term_recall", "exact_match")
+EVAL_JSON = "eval.json"
+PREDICTIONS_FILE = "eval_predictions.jsonl"
+EXAMPLES_SHOWN = 3
+EXAMPLE_CHARS = 160
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toolkit eval", description="Measure term accuracy of a run.")
+    parser.add_argument("run_dir", help="a finished run directory (from toolkit sft)")
+    parser.add_argument("--data", metavar="FILE", help="JSON Lines rows to evaluate (default: the recipe's eval rows)")
+    parser.add_argument("--compare-base", action="store_true", help="also evaluate the base model (adapter off)")
+    parser.add_argument("--json", metavar="FILE", help=f"summary file (default: RUN_DIR/{EVAL_JSON})")
+    parser.add_argument("--limit", type=positive_int, metavar="N", help="evaluate only the first N rows")
+    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
+                        help="prompts per generate call (default 8)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
+                        help="answer length cap (default 256)")
+    parser.add_argument("--no-quantize", action="store_true",
+                        help="load the base unquantized even if training quantized it")
+    return parser
+
+
+def read_rows(path: str, key: str, formatter: str) -> list[data.Row]:
+    """Parse and check one data file, with an error that names the option or recipe key it came from."""
+    problems = data.check_file_exists(path, key)
+    if problems:
+        raise ToolkitError(problems[0])
+    rows, problems = data.parse_jsonl(Path(path), formatter)
+    data.raise_problems(problems, key)
+    return rows
+
+
+def eval_rows(recipe, data_file: str | None) -> tuple[list[data.Row], str]:
+    """The rows to evaluate and where they came from: --data, else the recipe's eval file or held-out split.
+
+    The held-out split is recomputed with the recipe's seed, which gives exactly the rows training held out.
+    """
+    section = recipe.data
+    if data_file:
+        return read_rows(data_file, "--data", section.formatter), data_file
+    if section.eval:
+        return read_rows(section.eval, "data.eval", section.formatter), section.eval
+    if section.eval_fraction > 0:
+        _, held_out = data.load_splits(section, recipe.train.seed)
+        return held_out, f"{section.train} (held-out eval_fraction={section.eval_fraction:g}, seed {recipe.train.seed})"
+    raise ToolkitError("no eval rows: the run's recipe has no data.eval file and no data.eval_fraction; "
+                       "pass --data FILE")
+
+
+def glossary_for(recipe, rows: list[data.Row]) -> list[str] | None:
+    """The recipe's glossary, read only when some row has no `terms` of its own (otherwise it is never used)."""
+    path = recipe.data.glossary
+    if not path or all(row.fields.get("terms") is not None for row in rows):
+        return None
+    problems = data.check_file_exists(path, "data.glossary")
+    if problems:
+        raise ToolkitError(problems[0])
+    return data.read_glossary(path)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the generation config's eos ids (end_of_text, eom, eot) and the tokenizer's."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    ids += [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+    return list(dict.fromkeys(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id))
+
+
+def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
+                     label: str) -> list[str]:
+    """Greedy answers in the prompts' order; batches hold prompts of similar length so little is padding.
+
+    Left padding keeps every prompt's last token next to the first generated one, which batched decoding needs.
+    """
+    import torch
+
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    stop_ids = stop_token_ids(model, tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    answers: list[str] = [""] * len(prompts)
+    with progress_bar() as progress:
+        task = progress.add_task(label, total=len(prompts), status="")
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(model.device)
+            with torch.inference_mode():
+                output = model.generate(**encoded, do_sample=False, max_new_tokens=max_new_tokens,
+                                        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+            new_tokens = output[:, encoded["input_ids"].shape[1] :]
+            for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                answers[i] = text.strip()
+            progress.update(task, advance=len(batch))
+    return answers
+
+
+def load_metrics() -> dict:
+    """The three local evaluate scripts; keep_in_memory so computing writes no Arrow cache or lock files."""
+    import evaluate
+
+    return {name: evaluate.load(str(METRICS_DIR / f"{name}.py"), keep_in_memory=True) for name in METRIC_NAMES}
+
+
+def score(metrics: dict, predictions: list[str], references: list[str], key_terms: list[list[str] | None]) -> dict:
+    """n_examples and the three metrics for one set of answers; term metrics are None when no row has key terms."""
+    term_lists = [t or [] for t in key_terms]
+    result = {"n_examples": len(predictions)}
+    for name in ("term_accuracy", "term_recall"):
+        result.update(metrics[name].compute(predictions=predictions, references=term_lists))
+    result.update(metrics["exact_match"].compute(predictions=predictions, references=references))
+    return result
+
+
+def delta(tuned: dict, base: dict) -> dict:
+    return {k: None if tuned[k] is None or base[k] is None else tuned[k] - base[k] for k in METRIC_NAMES}
+
+
+def cell(value, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def show_summary(tuned: dict, base: dict | None, source: str) -> None:
+    from rich.markup import escape
+
+    title = escape(f"Eval: {tuned['n_examples']} rows from {source}")
+    if base is None:
+        show(title, ["metric", "tuned"], [[name, cell(tuned[name])] for name in METRIC_NAMES])
+        return
+    change = delta(tuned, base)
+    rows = [[name, cell(base[name]), cell(tuned[name]), cell(change[name], signed=True)] for name in METRIC_NAMES]
+    show(title, ["metric", "base", "tuned", "Δ"], rows)
+
+
+def clip(text: str | None) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= EXAMPLE_CHARS else text[: EXAMPLE_CHARS - 1] + "…"
+
+
+def show_examples(records: list[dict], compare: bool) -> None:
+    """A few rows side by side, so a number in the summary can be checked against real answers."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="Examples", title_justify="left", show_lines=True)
+    columns = ["input", "reference", "tuned"] + (["base"] if compare else []) + ["missing terms"]
+    for name in columns:
+        table.add_column(name, overflow="fold")
+    for record in records[:EXAMPLES_SHOWN]:
+        missing = "n/a" if record["terms_missing"] is None else ", ".join(record["terms_missing"]) or "-"
+        values = [record["input"] or record["instruction"], record["reference"], record["prediction"]]
+        values += [record["base_prediction"]] if compare else []
+        table.add_row(*[Text(clip(v)) for v in values + [missing]])
+    console.print(table)
+
+
+def prediction_records(rows, key_terms, tuned: list[str], base: list[str] | None) -> list[dict]:
+    """One record per row for eval_predictions.jsonl: what was asked, expected, answered and which terms were missed."""
+    records = []
+    for i, row in enumerate(rows):
+        record = {
+            "instruction": row.fields.get("instruction"),
+            "input": row.fields.get("input"),
+            "reference": row.fields.get("output"),
+            "prediction": tuned[i],
+        }
+        if base is not None:
+            record["base_prediction"] = base[i]
+        found, missing = terms.split_terms(tuned[i], key_terms[i]) if key_terms[i] is not None else (None, None)
+        record.update({"terms": key_terms[i], "terms_found": found, "terms_missing": missing})
+        records.append(record)
+    return records
+
+
+def write_predictions(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def check_outputs(run_dir: Path, json_path: Path) -> None:
+    """Fail before the slow part if the results could not be written."""
+    if not runs.writable(run_dir):
+        raise ToolkitError(f"cannot write {PREDICTIONS_FILE} into {run_dir}: the directory is not writable")
+    if not json_path.parent.is_dir():
+        raise ToolkitError(f"--json: folder {json_path.parent} does not exist")
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise ToolkitError(f"run directory not found: {run_dir}")
+    recipe = runs.open_run(run_dir)
+    rows, source = eval_rows(recipe, args.data)
+    rows = rows[: args.limit] if args.limit else rows
+    glossary = glossary_for(recipe, rows)
+    key_terms = [terms.key_terms(row.fields, glossary) for row in rows]
+    json_path = Path(args.json) if args.json else run_dir / EVAL_JSON
+    check_outputs(run_dir, json_path)
+    metrics = load_metrics()
+
+    model, tokenizer, recipe = runs.load_trained(run_dir, quantize=not args.no_quantize)
+    prompts = [data.prompt_text(row.fields, recipe.data, tokenizer) for row in rows]
+    references = [row.fields["output"] for row in rows]
+    generation = (tokenizer, prompts, args.batch_size, args.max_new_tokens)
+    tuned_answers = generate_answers(model, *generation, label="tuned")
+    base_answers = None
+    if args.compare_base:
+        with model.disable_adapter():
+            base_answers = generate_answers(model, *generation, label="base")
+
+    summary = score(metrics, tuned_answers, references, key_terms)
+    base = score(metrics, base_answers, references, key_terms) if base_answers is not None else None
+    show_summary(summary, base, source)
+    if summary["term_accuracy"] is None:
+        console.print("term metrics n/a: the rows have no 'terms' and the recipe names no data.glossary "
+                      "(or no glossary term occurs in the references)")
+    records = prediction_records(rows, key_terms, tuned_answers, base_answers)
+    show_examples(records, base is not None)
+
+    if base is not None:
+        summary["base"] = base
+        summary["delta"] = delta(summary, base)
+    summary.update({"data": source, "run_dir": str(run_dir)})
+    write_json(json_path, summary)
+    write_predictions(run_dir / PREDICTIONS_FILE, records)
+    console.print(f"Wrote {json_path} and {run_dir / PREDICTIONS_FILE}")
+    return 0
