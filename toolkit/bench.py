@@ -20,7 +20,9 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from toolkit import builtin, modeling
+from toolkit.batching import length_grouped_order
 from toolkit.errors import ToolkitError
+from toolkit.prepare import check_kernels
 from toolkit.recipe import apply_overrides, read_yaml, recipe_from_dict
 from toolkit.report import console, show, write_json
 from toolkit.translate import resolve_precision, to_lora_config, to_sft_config
@@ -247,13 +249,17 @@ def measure(recipe, bench_opts: dict, lengths: list[int], steps: int, warmup: in
 
     device = modeling.detect_accelerator()
     precision = resolve_precision(recipe.train.precision, device)
+    check_kernels(recipe.train, device)
     config = modeling.load_config(recipe.model.name)
     tokenizer = modeling.load_tokenizer(recipe.model.name)
     model = modeling.load_model(recipe, precision, device)
     lora = to_lora_config(recipe.lora)
     modeling.check_lora_targets(model, recipe.lora, lora)
     per_step = recipe.train.batch_size * recipe.train.grad_accum
-    rows = synthetic_rows(lengths[: per_step * (steps + warmup)], min(len(tokenizer), 4000), recipe.train.seed)
+    lengths = lengths[: per_step * (steps + warmup)]
+    if recipe.train.group_by_length:
+        lengths = [lengths[i] for i in length_grouped_order(lengths, recipe.train.batch_size, 1, recipe.train.seed)]
+    rows = synthetic_rows(lengths, min(len(tokenizer), 4000), recipe.train.seed)
     train = recipe.train.model_copy(update={"max_steps": steps + warmup, "logging_steps": 10**6})
     args = to_sft_config(train, precision, device, "/tmp/toolkit-bench", False, recipe.data.too_long)
     args.save_strategy = "no"

@@ -35,9 +35,21 @@ def drop_too_long(rows: list, lengths: list[int], limit: int) -> tuple[list, lis
     return [r for r, _ in kept], [n for _, n in kept]
 
 
+def check_kernels(train, device: Accelerator) -> None:
+    if not train.liger_kernel:
+        return
+    if not device.cuda:
+        raise ToolkitError("train.liger_kernel=true needs a CUDA GPU; set it to false on CPU")
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        raise ToolkitError("train.liger_kernel=true needs liger-kernel: pip install 'toolkit[gpu]'") from None
+
+
 def prepare(recipe, device: Accelerator | None = None, check_modules: bool = True) -> Prepared:
     device = device or modeling.detect_accelerator()
     precision = resolve_precision(recipe.train.precision, device)
+    check_kernels(recipe.train, device)
     train_rows, eval_rows = data.load_splits(recipe.data, recipe.train.seed)
     model_config = modeling.load_config(recipe.model.name, recipe.model.revision)
     tokenizer = modeling.load_tokenizer(recipe.model.name, recipe.model.revision)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from toolkit import modeling, runs
+from toolkit.batching import length_grouped_order
 from toolkit.errors import ToolkitError
 from toolkit.prepare import prepare, show_plan
 from toolkit.recipe import load_recipe
@@ -55,6 +56,15 @@ def keep_trainable_fp32(model) -> None:
             param.data = param.data.float()
 
 
+def training_order(prepared) -> list:
+    """The rows in the order they are trained: as given (the Trainer shuffles), or grouped by length."""
+    rows, settings = prepared.train_rows, prepared.recipe.train
+    if not settings.group_by_length:
+        return rows
+    order = length_grouped_order(prepared.lengths, settings.batch_size, settings.epochs, settings.seed)
+    return [rows[i] for i in order]
+
+
 def train(prepared, run_dir: Path, resume: bool):
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
@@ -64,7 +74,7 @@ def train(prepared, run_dir: Path, resume: bool):
     recipe = prepared.recipe
     model = modeling.load_model(recipe, prepared.precision, prepared.device)
     prepared.lora_modules = modeling.check_lora_targets(model, recipe.lora, prepared.lora_config)
-    train_set = data.to_dataset(prepared.train_rows, recipe.data)
+    train_set = data.to_dataset(training_order(prepared), recipe.data)
     eval_set = data.to_dataset(prepared.eval_rows, recipe.data) if prepared.eval_rows else None
     args = to_sft_config(
         recipe.train, prepared.precision, prepared.device, str(run_dir), eval_set is not None, recipe.data.too_long

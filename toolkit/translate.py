@@ -149,7 +149,9 @@ def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_
         pad_to_multiple_of=8 if precision in ("bf16", "fp16") else None,
     )
     if train.group_by_length:
-        kwargs["train_sampling_strategy"] = "group_by_length"
+        # The rows arrive already grouped by length, every pass included (toolkit.batching): read them in order.
+        kwargs["train_sampling_strategy"] = "sequential"
+        kwargs["num_train_epochs"] = 1
     return kwargs
 
 
@@ -158,7 +160,8 @@ def to_sft_config(train, precision: str, device: Accelerator, output_dir: str, h
 
     kwargs = sft_kwargs(train, precision, device, output_dir, has_eval, too_long)
     known = {f.name for f in dataclasses.fields(SFTConfig)}
-    if "train_sampling_strategy" in kwargs and "train_sampling_strategy" not in known:  # older transformers
-        kwargs["group_by_length"] = kwargs.pop("train_sampling_strategy") == "group_by_length"
+    if "train_sampling_strategy" in kwargs and "train_sampling_strategy" not in known:
+        kwargs.pop("train_sampling_strategy")  # older transformers: fall back to its own (coarser) length grouping
+        kwargs["group_by_length"] = True
     return SFTConfig(**kwargs)
 

@@ -1,0 +1,73 @@
+"""`toolkit extract`: the written file holds exactly PEFT's adapter state_dict, in both formats."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from toolkit.cli import main
+from toolkit.extract import choose_format, mismatches, read_state_dict
+
+
+@pytest.fixture(scope="module")
+def peft_state(tiny_run) -> dict:
+    from peft import get_peft_model_state_dict
+
+    from toolkit.runs import load_trained
+
+    model, _, _ = load_trained(tiny_run)
+    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_round_trip_matches_peft_state_dict(tiny_run, peft_state, tmp_path, fmt, capsys):
+    output = tmp_path / f"adapter.{fmt}"
+    assert main(["extract", str(tiny_run), "--output", str(output), "--format", fmt]) == 0
+    written = read_state_dict(output, fmt)
+    assert len(written) > 0
+    assert list(sorted(written)) == sorted(peft_state)
+    for key, tensor in peft_state.items():
+        assert written[key].dtype == tensor.dtype and torch.equal(written[key], tensor), key
+    config = json.loads((tmp_path / "adapter.adapter_config.json").read_text(encoding="utf-8"))
+    assert config["peft_type"] == "LORA"
+    out = capsys.readouterr().out
+    assert "Adapter extracted" in out and "identical" in out
+
+
+def test_default_output_is_in_the_run(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"  # a copy: the shared run stays as training left it
+    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("checkpoint-*"))
+    assert main(["extract", str(run_dir)]) == 0
+    assert (run_dir / "adapter_state_dict.safetensors").is_file()
+    assert (run_dir / "adapter_state_dict.adapter_config.json").is_file()
+
+
+def test_mismatches_name_every_difference():
+    expected = {"a": torch.zeros(2), "b": torch.zeros(2), "c": torch.zeros(2), "d": torch.zeros(2)}
+    found = {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.float16), "c": torch.ones(2), "e": torch.zeros(2)}
+    problems = mismatches(expected, found)
+    assert any("b: dtype" in p for p in problems)
+    assert any("c: values differ" in p for p in problems)
+    assert any("d: missing" in p for p in problems)
+    assert any("e: in the file" in p for p in problems)
+    assert mismatches(expected, dict(expected)) == []
+
+
+def test_format_follows_the_output_suffix():
+    assert choose_format("x/adapter.pt", None) == "pt"
+    assert choose_format("x/adapter.safetensors", None) == "safetensors"
+    assert choose_format(None, None) == "safetensors"
+    assert choose_format("x/adapter.bin", "safetensors") == "safetensors"
+
+
+def test_not_a_run_is_a_one_line_error(tmp_path):
+    assert main(["extract", str(tmp_path)]) == 2
+
+
+def test_the_runs_own_adapter_file_is_not_overwritten(tiny_run):
+    before = (tiny_run / "adapter_model.safetensors").read_bytes()
+    assert main(["extract", str(tiny_run), "--output", str(tiny_run / "adapter_model.safetensors"), "--format", "pt"]) == 2
+    assert (tiny_run / "adapter_model.safetensors").read_bytes() == before

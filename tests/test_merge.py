@@ -1,0 +1,105 @@
+"""`toolkit merge`: a plain model folder whose logits are base + adapter's, not the base's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_recipe
+from toolkit.cli import main
+
+ROW = {"instruction": "다음 건설 용어를 설명하세요.", "input": "양생"}
+
+
+def prompt_logits(model, tokenizer, recipe) -> torch.Tensor:
+    from toolkit.data import prompt_text
+
+    ids = tokenizer(prompt_text(ROW, recipe.data, tokenizer), add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        return model(input_ids=ids["input_ids"]).logits.float()
+
+
+@pytest.fixture(scope="module")
+def merged_fp32(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merged") / "fp32"
+    assert main(["merge", str(tiny_run), "--output", str(out), "--dtype", "fp32"]) == 0
+    return out
+
+
+def test_merged_folder_loads_without_peft_and_matches_base_plus_adapter(tiny_run, merged_fp32):
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from toolkit.runs import load_trained
+
+    peft_model, tokenizer, recipe = load_trained(tiny_run, quantize=False)
+    with_adapter = prompt_logits(peft_model, tokenizer, recipe)
+    with peft_model.disable_adapter():
+        base = prompt_logits(peft_model, tokenizer, recipe)
+    merged = AutoModelForImageTextToText.from_pretrained(merged_fp32).eval()
+    assert not hasattr(merged, "peft_config")
+    logits = prompt_logits(merged, AutoTokenizer.from_pretrained(merged_fp32), recipe)
+    assert (logits - with_adapter).abs().max().item() < 1e-3
+    assert (logits - base).abs().max().item() > 0.1  # the adapter is visible, so the check above can fail
+
+
+def test_merged_folder_is_complete_and_adapter_free(merged_fp32):
+    from transformers import AutoProcessor, GenerationConfig
+
+    names = {p.name for p in merged_fp32.iterdir()}
+    assert any(n.endswith(".safetensors") for n in names)
+    assert not any(n.startswith("adapter_") or n.endswith(".bin") for n in names)
+    assert "peft" not in (merged_fp32 / "config.json").read_text(encoding="utf-8").lower()
+    assert AutoProcessor.from_pretrained(merged_fp32).tokenizer.chat_template
+    assert GenerationConfig.from_pretrained(merged_fp32).eos_token_id
+    report = json.loads((merged_fp32 / "merge_report.json").read_text(encoding="utf-8"))
+    assert report["passed"] and report["max_abs_delta"] <= report["tolerance"] < report["adapter_effect"]
+
+
+def test_bf16_merge_passes_its_default_tolerance(tiny_run, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(["merge", str(tiny_run), "--output", str(out), "--dtype", "bf16"]) == 0
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["dtype"] == "bfloat16"
+
+
+def test_check_fails_when_the_tolerance_is_too_tight(tiny_run, tmp_path, capsys):
+    args = ["--output", str(tmp_path / "m"), "--dtype", "bf16", "--tolerance", "1e-9"]
+    assert main(["merge", str(tiny_run), *args]) == 1
+    assert "do not use it" in capsys.readouterr().out
+
+
+def test_8bit_adapter_merges_into_full_precision_base(tiny_data, tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, tiny_data, train={"max_steps": 3})
+    run_dir = tmp_path / "run8"
+    assert main(["sft", str(recipe), "--output-dir", str(run_dir), "--set", "quantization.mode=8bit"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "merged8"
+    assert main(["merge", str(run_dir), "--output", str(out), "--dtype", "fp32"]) == 0
+    assert "trained against a quantized (8bit) base" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+
+
+def test_non_empty_output_needs_overwrite(tiny_run, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine", encoding="utf-8")
+    assert main(["merge", str(tiny_run), "--output", str(out)]) == 2
+    assert (out / "keep.txt").read_text(encoding="utf-8") == "mine"
+
+
+def test_output_may_not_be_the_run(tiny_run):
+    assert main(["merge", str(tiny_run), "--output", str(tiny_run), "--overwrite"]) == 2
+    assert (tiny_run / "adapter_model.safetensors").is_file()
+
+
+def test_adapter_traces_are_found(tmp_path):
+    from toolkit.merge import adapter_traces
+
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"quantization_config": {}}}), encoding="utf-8")
+    (tmp_path / "adapter_config.json").write_text("{}", encoding="utf-8")
+    assert len(adapter_traces(tmp_path)) == 2
+    (tmp_path / "adapter_config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mllama"}), encoding="utf-8")
+    assert adapter_traces(tmp_path) == []

@@ -1,0 +1,77 @@
+"""`toolkit generate RUN_DIR PROMPT`: one greedy answer from a run's model, streamed to the terminal.
+
+The prompt is rendered exactly as training rendered a row (formatter, system prompt, pinned date), so the answer
+shows what the adapter learned rather than how a different prompt format throws it off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from toolkit import data, runs
+from toolkit.errors import ToolkitError
+from toolkit.report import console
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toolkit generate", description="Answer one prompt with a run's model.")
+    parser.add_argument("run_dir", help="a finished run directory (from toolkit sft)")
+    parser.add_argument("prompt", help='the user turn; a typed "\\n" becomes a line break')
+    parser.add_argument("--image", help="an image for the prompt (not supported yet)")
+    parser.add_argument("--base", action="store_true", help="answer with the base model (adapter switched off)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="answer length limit (default 256)")
+    return parser
+
+
+def user_text(prompt: str) -> str:
+    """Shells pass `\\n` through literally; users mean a line break (e.g. instruction, blank line, term)."""
+    text = prompt.replace("\\n", "\n")
+    if not text.strip():
+        raise ToolkitError("PROMPT is empty; give the question to answer")
+    return text
+
+
+def prompt_ids(text: str, recipe, tokenizer):
+    """The prompt as a training row `{"instruction": text, "input": ""}`; the template already holds the BOS token."""
+    rendered = data.prompt_text({"instruction": text, "input": ""}, recipe.data, tokenizer)
+    return tokenizer(rendered, add_special_tokens=False, return_tensors="pt")
+
+
+def generate(model, tokenizer, encoded, max_new_tokens: int, base: bool) -> int:
+    """Greedy decoding streamed as it goes; returns how many tokens were generated."""
+    import torch
+    from transformers import TextStreamer
+
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    encoded = encoded.to(next(model.parameters()).device)
+    with model.disable_adapter() if base else nullcontext(), torch.no_grad():
+        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                top_p=None, top_k=None, streamer=streamer, pad_token_id=tokenizer.pad_token_id)
+    return output.shape[1] - encoded["input_ids"].shape[1]
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.image:
+        raise ToolkitError("--image: rows with images are not supported yet; generate answers text prompts only")
+    text = user_text(args.prompt)
+    model, tokenizer, recipe = runs.load_trained(Path(args.run_dir))
+    encoded = prompt_ids(text, recipe, tokenizer)
+    which = "base model, adapter off" if args.base else "base + adapter"
+    console.print(f"[dim]{args.run_dir} ({which}), greedy, at most {args.max_new_tokens} new tokens[/]", soft_wrap=True)
+    started = time.time()
+    count = generate(model, tokenizer, encoded, args.max_new_tokens, args.base)
+    seconds = time.time() - started
+    limit = " (stopped at --max-new-tokens)" if count >= args.max_new_tokens else ""
+    console.print(f"[dim]{count} tokens in {seconds:.1f} s{limit}[/]")
+    return 0
