@@ -269,6 +269,7 @@ def measure(recipe, bench_opts: dict, lengths: list[int], steps: int, warmup: in
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=lora,
                          callbacks=[clock])
     trainer.remove_callback(PrinterCallback)
+    modeling.adapters_for_mixed_precision(trainer.model, precision, recipe.lora.upcast_inputs)
     counter = CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
     if device.cuda:

@@ -27,6 +27,9 @@ def usage() -> str:
 def quiet_libraries() -> None:
     """Keep the terminal for what the user asked for: library chatter at warning level and below is hidden."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Rows of varying length make the CUDA caching allocator fragment (measured: 116 GiB reserved for a
+    # 77 GiB peak); growable segments let the same run fit a smaller GPU.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)

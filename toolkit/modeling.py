@@ -183,3 +183,24 @@ def trainable_by_tower(model) -> Counter:
         if param.requires_grad:
             counts[tower_of(name)] += param.numel()
     return counts
+
+
+def adapters_for_mixed_precision(model, precision: str, upcast_inputs: bool = False) -> None:
+    """Keep LoRA weights in fp32 and let autocast run their matmuls in bf16/fp16.
+
+    PEFT upcasts every adapted layer's input to the adapter's dtype: under bf16 that is an fp32 copy of each
+    input, kept for backward (the largest avoidable cost of bf16 LoRA). TRL instead casts quantized models'
+    adapters to bf16, which fp16's GradScaler cannot unscale. fp32 master weights + no input upcast avoids both.
+    Only for training: outside autocast, fp32 adapters need the upcast again (a fresh load has it).
+    """
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if precision not in ("bf16", "fp16"):
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = upcast_inputs

@@ -53,6 +53,9 @@ class LoraSection(Section):
         "language", description="Which tower a list of targets may touch; a regex may not reach past it either."
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+    upcast_inputs: bool = Field(
+        False, description="Feed LoRA fp32 copies of its inputs (PEFT's default; slower, more memory under bf16)."
+    )
 
 
 class DataSection(Section):

@@ -44,18 +44,6 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
         raise ToolkitError(f"cannot write the run directory {run_dir}: {parent} is not writable")
 
 
-def keep_trainable_fp32(model) -> None:
-    """fp16 mixed precision needs fp32 master weights: GradScaler cannot unscale fp16/bf16 gradients.
-
-    TRL casts LoRA weights of quantized models to bf16, which makes 8-bit + fp16 crash; undo that here.
-    """
-    import torch
-
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-
-
 def training_order(prepared) -> list:
     """The rows in the order they are trained: as given (the Trainer shuffles), or grouped by length."""
     rows, settings = prepared.train_rows, prepared.recipe.train
@@ -89,8 +77,7 @@ def train(prepared, run_dir: Path, resume: bool):
         callbacks=[runs.RichProgressCallback()],
     )
     trainer.remove_callback(PrinterCallback)  # the rich bar shows progress; raw log dicts would only add noise
-    if prepared.precision == "fp16":
-        keep_trainable_fp32(trainer.model)
+    modeling.adapters_for_mixed_precision(trainer.model, prepared.precision, recipe.lora.upcast_inputs)
     show_placement(trainer.model)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
