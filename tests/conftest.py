@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import yaml
+
+os.environ["COLUMNS"] = "200"  # rich wraps long messages at the terminal width; keep them on one line
 
 TERMS = {
     "거푸집": "거푸집은 콘크리트를 부어 넣을 때 모양을 잡아 주는 임시 틀입니다.",

@@ -91,6 +91,9 @@ def show_placement(model) -> None:
     rows.append(["all trainable", sum(counts.values())])
     rows.append(["share of model", f"{100 * sum(counts.values()) / max(total, 1):.3f}%"])
     show("Where the LoRA adapters sit (trainable parameters)", ["part", "params"], rows)
+    if counts.get("cross-attention"):
+        console.print("note: cross-attention layers only run for rows with an image; on text rows their "
+                      f"{counts['cross-attention']:,} adapter parameters stay at their initial values")
 
 
 def run(recipe, run_dir: Path, overwrite: bool, resume: bool) -> Path:

@@ -1,0 +1,94 @@
+"""Data checks: every problem reported at once with file:line and field, before any model loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import term_rows, tiny_recipe, write_jsonl
+from toolkit.cli import main
+from toolkit.data import parse_jsonl, percentiles, split_rows
+from toolkit.prepare import drop_too_long
+
+
+def test_every_problem_is_reported_with_its_line(tmp_path):
+    lines = [
+        b'{"instruction": "a", "input": "", "output": "ok"}',
+        b'{"instruction": "a", "output": 42}',
+        b'{"instruction": "a", "output": null}',
+        b"not json",
+        b"[1, 2]",
+        b'{"output": "x"}',
+        b'{"instruction": "\xff\xfe", "output": "x"}',
+        b'{"instruction": "a", "input": 3, "output": "x", "terms": "x"}',
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    rows, problems = parse_jsonl(path, "alpaca")
+    assert [r.line for r in rows] == [1]
+    assert problems == [
+        f"{path}:2: field 'output' must be a string, got number",
+        f"{path}:3: field 'output' must be a string, got null",
+        f"{path}:4: invalid JSON (Expecting value at column 1)",
+        f"{path}:5: expected a JSON object, got list",
+        f"{path}:6: missing field 'instruction'",
+        f"{path}:7: not valid UTF-8 (byte 18 of the line)",
+        f"{path}:8: field 'input' must be a string, got number",
+        f"{path}:8: field 'terms' must be a list of non-empty strings",
+    ]
+
+
+def test_bom_crlf_and_blank_lines_are_fine(tmp_path):
+    row = json.dumps({"instruction": "다음 용어를 설명하세요.", "input": "양생", "output": "양생은 ..."}, ensure_ascii=False)
+    path = tmp_path / "ok.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + row.encode() + b"\r\n\r\n  \n" + row.encode() + b"\r\n")
+    rows, problems = parse_jsonl(path, "alpaca")
+    assert problems == []
+    assert [r.line for r in rows] == [1, 4]
+    assert rows[0].fields["input"] == "양생"
+
+
+def test_empty_file_is_a_problem(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n", encoding="utf-8")
+    assert parse_jsonl(path, "alpaca")[1] == [f"{path}: no rows (the file is empty)"]
+
+
+def test_bad_data_exits_2_and_leaves_no_run_directory(tmp_path, tiny_data, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", term_rows() + [{"instruction": "x", "output": 7}])
+    recipe = tiny_recipe(tmp_path, {"train": str(bad), "eval": tiny_data["eval"]})
+    run_dir = tmp_path / "run"
+    assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 2
+    assert not run_dir.exists()
+    out = capsys.readouterr().out
+    assert f"{bad}:13: field 'output' must be a string, got number" in out.replace("\n", "")
+    assert "Traceback" not in out
+
+
+def test_missing_data_file_is_one_clear_error(tmp_path, tiny_data, capsys):
+    recipe = tiny_recipe(tmp_path, {"train": str(tmp_path / "nope.jsonl"), "eval": tiny_data["eval"]})
+    assert main(["validate", str(recipe)]) == 2
+    assert "data.train: file not found" in capsys.readouterr().out
+
+
+def test_hold_out_split_is_deterministic(tmp_path):
+    rows, _ = parse_jsonl(write_jsonl(tmp_path / "t.jsonl", term_rows()), "alpaca")
+    train_a, eval_a = split_rows(rows, 0.25, seed=1)
+    train_b, eval_b = split_rows(rows, 0.25, seed=1)
+    assert [r.line for r in eval_a] == [r.line for r in eval_b]
+    assert len(eval_a) == 3 and len(train_a) == 9
+    assert {r.line for r in train_a}.isdisjoint(r.line for r in eval_a)
+
+
+def test_too_long_rows_are_dropped_and_lengths_summarised():
+    rows, lengths = drop_too_long(["a", "b", "c"], [10, 600, 20], limit=512)
+    assert rows == ["a", "c"] and lengths == [10, 20]
+    assert percentiles([10, 20, 30, 40]) == {"p50": 20, "p90": 40, "p99": 40, "p100": 40}
+
+
+def test_validate_reports_rows_over_the_limit(tmp_path, tiny_data, capsys):
+    recipe = tiny_recipe(tmp_path, tiny_data, train={"max_seq_length": 40})
+    code = main(["validate", str(recipe), "--set", "data.too_long=drop"])
+    out = capsys.readouterr().out
+    assert code == 2 and "every training row is longer than train.max_seq_length=40" in out
