@@ -81,3 +81,17 @@ def test_resolved_recipe_round_trips(tmp_path):
     assert again == recipe
     saved = yaml.safe_load((tmp_path / "recipe.yaml").read_text(encoding="utf-8"))
     assert saved["train"]["learning_rate"] == 2e-4  # defaults are spelled out in the run directory
+
+
+def test_readme_documents_every_recipe_key():
+    from toolkit.recipe import Recipe
+
+    readme = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text(encoding="utf-8")
+    missing = []
+    for section, field in Recipe.model_fields.items():
+        assert f"`{section}`" in readme, section
+        model = field.annotation if isinstance(field.annotation, type) else None
+        for key in getattr(model, "model_fields", {}):
+            if f"`{key}`" not in readme:
+                missing.append(f"{section}.{key}")
+    assert missing == []
