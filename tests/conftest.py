@@ -57,7 +57,7 @@ def tiny_recipe(folder: Path, data: dict, **sections) -> Path:
     """A recipe file for the built-in model; `sections` override whole sections or keys in them."""
     recipe = {
         "model": {"name": "builtin:tiny-mllama"},
-        "data": {"train": data["train"], "eval": data["eval"]},
+        "data": {key: data[key] for key in ("train", "eval") if data.get(key)},
         "train": {"max_steps": 12, "batch_size": 4, "learning_rate": 0.005, "logging_steps": 2, "save_steps": 6},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
     }

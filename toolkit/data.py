@@ -151,6 +151,8 @@ def render_text(example: dict, tokenizer) -> str:
 
 
 def token_lengths(rows: list[Row], data_section, tokenizer) -> list[int]:
+    if not rows:
+        return []
     texts = [render_text(to_conversation(r, data_section), tokenizer) for r in rows]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [len(ids) for ids in encoded]

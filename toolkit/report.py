@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(highlight=False)
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+console = Console(highlight=False, quiet=not _main_process())  # one voice when several processes train
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> Table:

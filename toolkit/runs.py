@@ -137,13 +137,17 @@ def run_card(prepared, summary: dict, run_dir: Path) -> str:
 
 
 def save_run(trainer, prepared, run_dir: Path, result, seconds: float) -> dict:
+    """Write the run's files; every process must call it (sharded models gather on save), only the main writes."""
     recipe = prepared.recipe
+    summary = run_summary(trainer, prepared, result, seconds)
+    trainer.save_model(str(run_dir))
+    if not trainer.is_world_process_zero():
+        return summary
     processor = modeling.load_processor(recipe.model.name, recipe.model.revision)
     if processor is not None:
         processor.save_pretrained(run_dir)
-    trainer.save_model(str(run_dir))
+        prepared.tokenizer.save_pretrained(run_dir)  # the trained tokenizer (pad token set) wins over the base's
     save_recipe(recipe, run_dir / RECIPE_FILE)
-    summary = run_summary(trainer, prepared, result, seconds)
     write_json(run_dir / METRICS_FILE, {"summary": summary, "log_history": trainer.state.log_history})
     plot_loss(trainer.state.log_history, run_dir / LOSS_PLOT)
     (run_dir / "README.md").write_text(run_card(prepared, summary, run_dir), encoding="utf-8")

@@ -7,7 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
-from toolkit import modeling, runs
+from toolkit import distributed, modeling, runs
 from toolkit.batching import length_grouped_order
 from toolkit.errors import ToolkitError
 from toolkit.prepare import prepare, show_plan
@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     group.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    parser.add_argument("--gpus", type=int, default=1, metavar="N",
+                        help="train data-parallel on N GPUs (N CPU processes where there is no GPU)")
+    parser.add_argument("--strategy", choices=distributed.STRATEGIES, default="ddp",
+                        help="with --gpus: ddp (replicas), fsdp or zero3 (sharded; zero3 needs deepspeed)")
     return parser
 
 
@@ -49,11 +53,12 @@ def training_order(prepared) -> list:
     rows, settings = prepared.train_rows, prepared.recipe.train
     if not settings.group_by_length:
         return rows
-    order = length_grouped_order(prepared.lengths, settings.batch_size, settings.epochs, settings.seed)
+    micro_batch, _ = distributed.per_process_batch(settings.batch_size, settings.grad_accum, distributed.world_size())
+    order = length_grouped_order(prepared.lengths, micro_batch, settings.epochs, settings.seed)
     return [rows[i] for i in order]
 
 
-def train(prepared, run_dir: Path, resume: bool):
+def train(prepared, run_dir: Path, resume: bool, strategy: str = "ddp"):
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
@@ -65,7 +70,8 @@ def train(prepared, run_dir: Path, resume: bool):
     train_set = data.to_dataset(training_order(prepared), recipe.data)
     eval_set = data.to_dataset(prepared.eval_rows, recipe.data) if prepared.eval_rows else None
     args = to_sft_config(
-        recipe.train, prepared.precision, prepared.device, str(run_dir), eval_set is not None, recipe.data.too_long
+        recipe.train, prepared.precision, prepared.device, str(run_dir), eval_set is not None, recipe.data.too_long,
+        distributed.world_size(), strategy,
     )
     trainer = SFTTrainer(
         model=model,
@@ -96,16 +102,22 @@ def show_placement(model) -> None:
                       f"{counts['cross-attention']:,} adapter parameters stay at their initial values")
 
 
-def run(recipe, run_dir: Path, overwrite: bool, resume: bool) -> Path:
-    prepared = prepare(recipe)
-    show_plan(prepared)
+def claim_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> bool:
+    """Check and (with --overwrite) clear the run directory; True when this call will create it."""
     check_run_dir(run_dir, overwrite, resume)
-    created = not run_dir.exists()
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
+    return not run_dir.exists()
+
+
+def run(recipe, run_dir: Path, overwrite: bool, resume: bool, strategy: str = "ddp") -> Path:
+    prepared = prepare(recipe)
+    show_plan(prepared)
+    main_process = distributed.is_main_process()
+    created = claim_run_dir(run_dir, overwrite, resume) if main_process else False
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        trainer, result, seconds = train(prepared, run_dir, resume)
+        trainer, result, seconds = train(prepared, run_dir, resume, strategy)
     except BaseException:
         if created and not runs.last_checkpoint(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run behind
@@ -116,10 +128,23 @@ def run(recipe, run_dir: Path, overwrite: bool, resume: bool) -> Path:
     return run_dir
 
 
+def launch_workers(args, recipe) -> int:
+    """Check what can be checked once, then start one training process per GPU under torch.distributed.run."""
+    run_dir = Path(recipe.output_dir)
+    prepare(recipe)  # recipe, data and targets fail here, once, instead of in every process
+    claim_run_dir(run_dir, args.overwrite, args.resume)
+    worker = ["sft", args.recipe, *(f"--set={o}" for o in args.overrides), "--output-dir", str(run_dir),
+              "--strategy", args.strategy, *(["--resume"] if args.resume else [])]
+    console.print(f"starting {args.gpus} training processes ({args.strategy})")
+    return 0 if distributed.launch(worker, args.gpus) == 0 else 1
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.output_dir:
         recipe = recipe.model_copy(update={"output_dir": args.output_dir})
-    run(recipe, Path(recipe.output_dir), args.overwrite, args.resume)
+    if args.gpus > 1 and distributed.world_size() == 1:
+        return launch_workers(args, recipe)
+    run(recipe, Path(recipe.output_dir), args.overwrite, args.resume, args.strategy)
     return 0

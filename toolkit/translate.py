@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from toolkit.distributed import per_process_batch, strategy_kwargs
 from toolkit.errors import ToolkitError
 
 VISION_MARKERS = ("vision_model", "multi_modal_projector")
@@ -112,15 +113,18 @@ def scope_violations(matched: list[str], scope: str) -> list[str]:
     return [m for m in matched if tower_of(m) != "vision"]
 
 
-def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_eval: bool, too_long: str) -> dict:
-    """SFTConfig's arguments for this recipe, as a plain dict (see `to_sft_config`)."""
+def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_eval: bool, too_long: str,
+               processes: int = 1, strategy: str = "ddp") -> dict:
+    """SFTConfig's arguments for this recipe, as a plain dict (see `to_sft_config`). With several processes the
+    recipe's global batch (batch_size x grad_accum) is kept: each process gets its share."""
+    batch_size, grad_accum = per_process_batch(train.batch_size, train.grad_accum, processes)
     kwargs = dict(
         output_dir=output_dir,
         num_train_epochs=train.epochs,
         max_steps=train.max_steps or -1,
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_ratio,  # transformers 5 reads a value below 1 as a share of the steps
@@ -148,6 +152,7 @@ def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_
         use_liger_kernel=train.liger_kernel,
         pad_to_multiple_of=8 if precision in ("bf16", "fp16") else None,
     )
+    kwargs.update(strategy_kwargs(strategy, train.gradient_checkpointing))
     if train.group_by_length:
         # The rows arrive already grouped by length, every pass included (toolkit.batching): read them in order.
         kwargs["train_sampling_strategy"] = "sequential"
@@ -155,10 +160,11 @@ def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_
     return kwargs
 
 
-def to_sft_config(train, precision: str, device: Accelerator, output_dir: str, has_eval: bool, too_long: str):
+def to_sft_config(train, precision: str, device: Accelerator, output_dir: str, has_eval: bool, too_long: str,
+                  processes: int = 1, strategy: str = "ddp"):
     from trl import SFTConfig
 
-    kwargs = sft_kwargs(train, precision, device, output_dir, has_eval, too_long)
+    kwargs = sft_kwargs(train, precision, device, output_dir, has_eval, too_long, processes, strategy)
     known = {f.name for f in dataclasses.fields(SFTConfig)}
     if "train_sampling_strategy" in kwargs and "train_sampling_strategy" not in known:
         kwargs.pop("train_sampling_strategy")  # older transformers: fall back to its own (coarser) length grouping
