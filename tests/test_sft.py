@@ -132,3 +132,22 @@ def test_validate_checks_without_training(tmp_path, tiny_data, capsys):
     assert main(["validate", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "is valid; LoRA wraps 16 modules (4 cross-attention, 12 self-attention)" in out.replace("\n", "")
+
+
+def test_a_run_keeps_the_built_in_build_it_was_trained_on(tiny_run, tmp_path):
+    import shutil
+
+    from toolkit import runs
+
+    copy = tmp_path / "old-run"
+    shutil.copytree(tiny_run, copy)
+    config_path = copy / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    older = tmp_path / "tiny-mllama-older-build"
+    shutil.copytree(config["base_model_name_or_path"], older)
+    config["base_model_name_or_path"] = str(older)
+    config_path.write_text(json.dumps(config), encoding="utf-8")
+    assert runs.open_run(copy).model.name == str(older)
+    shutil.rmtree(older)
+    with pytest.raises(Exception, match="earlier build of builtin:tiny-mllama"):
+        runs.open_run(copy)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from toolkit import modeling
+from toolkit import builtin, modeling
 from toolkit.errors import ToolkitError
 from toolkit.recipe import RECIPE_FILE, load_recipe, save_recipe
 from toolkit.report import progress_bar, write_json
@@ -159,7 +160,17 @@ def open_run(run_dir: str | Path):
     run_dir = Path(run_dir)
     if not (run_dir / RECIPE_FILE).is_file() or not (run_dir / "adapter_config.json").is_file():
         raise ToolkitError(f"{run_dir} is not a finished run directory (no {RECIPE_FILE} or adapter_config.json)")
-    return load_recipe(run_dir / RECIPE_FILE)
+    recipe = load_recipe(run_dir / RECIPE_FILE)
+    if not builtin.is_builtin(recipe.model.name):
+        return recipe
+    trained_on = Path(json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"])
+    if trained_on == builtin.builtin_dir(recipe.model.name):
+        return recipe
+    if not (trained_on / "config.json").exists():
+        raise ToolkitError(f"{run_dir} was trained on an earlier build of {recipe.model.name} that is no longer "
+                           f"cached ({trained_on}); train it again")
+    # The built-in model changed since this run; its adapter belongs to the build it was trained on.
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": str(trained_on)})})
 
 
 
