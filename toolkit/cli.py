@@ -18,6 +18,16 @@ COMMANDS = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts (--limit, --batch-size, ...): a clear message instead of a silent zero."""
+    import argparse
+
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
 def usage() -> str:
     lines = ["usage: toolkit COMMAND [options]   (toolkit COMMAND --help for a command's options)", "", "commands:"]
     lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]

@@ -15,6 +15,7 @@ from pathlib import Path
 from toolkit import data, runs, terms
 from toolkit.errors import ToolkitError
 from toolkit.report import console, progress_bar, show, write_json
+from toolkit.cli import positive_int
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 METRIC_NAMES = ("term_accuracy", "term_recall", "exact_match")
@@ -22,13 +23,6 @@ EVAL_JSON = "eval.json"
 PREDICTIONS_FILE = "eval_predictions.jsonl"
 EXAMPLES_SHOWN = 3
 EXAMPLE_CHARS = 160
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,13 +14,7 @@ from pathlib import Path
 from toolkit import data, runs
 from toolkit.errors import ToolkitError
 from toolkit.report import console
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
-    return value
+from toolkit.cli import positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
