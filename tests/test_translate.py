@@ -86,5 +86,5 @@ def test_a_regex_into_the_vision_tower_is_refused_unless_asked(tiny_meta_model):
 
 
 def test_targets_that_match_nothing_are_an_error(tiny_meta_model):
-    with pytest.raises(ToolkitError, match="match no linear module"):
+    with pytest.raises(ToolkitError, match="match no linear or embedding module"):
         placement(tiny_meta_model, targets=["qkv_proj"])

@@ -147,13 +147,14 @@ def meta_model(config):
 
 
 def match_targets(model, lora_config) -> list[str]:
-    """Module names PEFT would wrap, using PEFT's own matching rule."""
+    """Module names PEFT would wrap (linear and embedding layers), using PEFT's own matching rule."""
     import torch
     from peft.tuners.tuners_utils import check_target_module_exists
 
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear8bitLt", "Linear4bit"):
+        adaptable = isinstance(module, (torch.nn.Linear, torch.nn.Embedding))
+        if adaptable or type(module).__name__ in ("Linear8bitLt", "Linear4bit"):
             if check_target_module_exists(lora_config, name):
                 names.append(name)
     return names
@@ -164,7 +165,7 @@ def check_lora_targets(model, lora_section, lora_config) -> list[str]:
     matched = match_targets(model, lora_config)
     if not matched:
         raise ToolkitError(
-            f"lora.targets {lora_section.targets!r} match no linear module of this model; "
+            f"lora.targets {lora_section.targets!r} match no linear or embedding module of this model; "
             "typical Llama names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
         )
     outside = scope_violations(matched, lora_section.scope)

@@ -95,6 +95,8 @@ def tower_of(module_name: str) -> str:
     """Which part of the model a module belongs to, for placement reports and scope checks."""
     if any(marker in module_name for marker in VISION_MARKERS):
         return "vision"
+    if "embed_tokens" in module_name:
+        return "embedding"
     if "cross_attn" in module_name:
         return "cross-attention"
     if "self_attn" in module_name:
