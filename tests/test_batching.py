@@ -26,7 +26,7 @@ def test_grouped_batches_waste_little_padding():
     rows = lengths()
     grouped = length_grouped_order(rows, batch_size=32, epochs=3, seed=42)
     shuffled = epoch_stream(len(rows), 3, seed=42)
-    assert padding_efficiency(rows, grouped, 32) > 0.95
+    assert padding_efficiency(rows, grouped, 32) > 0.9
     assert padding_efficiency(rows, shuffled, 32) < 0.7
 
 

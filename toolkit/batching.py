@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 import random
 
-WINDOW_BATCHES = 64
+# Sorting across a whole data set makes every batch a slice of one length band, and on the quickstart that changed
+# what was learned (eval loss 6.92 vs 6.70, term accuracy 0.21 vs 0.36); windows of 8 batches stayed within seed
+# noise (6.77, 0.38) and still remove most padding (92% real tokens vs 61% for rows of 70-370 tokens).
+WINDOW_BATCHES = 8
 
 
 def epoch_stream(n_rows: int, epochs: float, seed: int) -> list[int]:
