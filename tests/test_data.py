@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from conftest import term_rows, tiny_recipe, write_jsonl
 from toolkit.cli import main

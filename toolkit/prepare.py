@@ -40,10 +40,10 @@ def check_kernels(train, device: Accelerator) -> None:
         return
     if not device.cuda:
         raise ToolkitError("train.liger_kernel=true needs a CUDA GPU; set it to false on CPU")
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
-        raise ToolkitError("train.liger_kernel=true needs liger-kernel: pip install 'toolkit[gpu]'") from None
+    from importlib.util import find_spec
+
+    if find_spec("liger_kernel") is None:
+        raise ToolkitError("train.liger_kernel=true needs liger-kernel: pip install 'toolkit[gpu]'")
 
 
 def prepare(recipe, device: Accelerator | None = None, check_modules: bool = True) -> Prepared:
