@@ -66,15 +66,9 @@ def default_dtype(recipe, device) -> str:
 
 def load_unmerged(run_dir: Path, recipe, dtype: str, device):
     """Base (never quantized) in `dtype` + the run's adapter. sdpa: the kernel does not touch weights, runs anywhere."""
-    from peft import PeftModel
-
     model_section = recipe.model.model_copy(update={"dtype": dtype, "attn_implementation": "sdpa"})
-    base = modeling.load_model(recipe.model_copy(update={"model": model_section}), dtype, device, quantize=False)
-    if device.cuda:
-        base = base.to("cuda")
-    model = PeftModel.from_pretrained(base, str(run_dir))
-    model.eval()
-    return model
+    return runs.attach_adapter(run_dir, recipe.model_copy(update={"model": model_section}), dtype, device,
+                               quantize=False)
 
 
 def verify_rows(recipe) -> list[dict]:

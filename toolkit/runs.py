@@ -174,12 +174,23 @@ def open_run(run_dir: str | Path):
 
 
 
+def attach_adapter(run_dir: str | Path, recipe, precision: str, device, quantize: bool = True):
+    """The recipe's base model on the device with the run's adapter on top, in eval mode."""
+    from peft import PeftModel
+
+    base = modeling.load_model(recipe, precision, device, quantize=quantize)
+    if device.cuda and (recipe.quantization.mode == "none" or not quantize):
+        base = base.to("cuda")  # quantized models are already placed by their device_map
+    model = PeftModel.from_pretrained(base, str(run_dir))
+    model.eval()
+    return model
+
+
 def load_trained(run_dir: str | Path, quantize: bool = True):
     """Base model + the run's adapter, loaded the way the run was trained; returns (model, tokenizer, recipe).
 
     `quantize=False` loads the base unquantized (in the run's precision) even if training used 8-bit or 4-bit.
     """
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     from toolkit.translate import resolve_precision
@@ -187,10 +198,6 @@ def load_trained(run_dir: str | Path, quantize: bool = True):
     recipe = open_run(run_dir)
     device = modeling.detect_accelerator()
     precision = resolve_precision(recipe.train.precision, device)
-    base = modeling.load_model(recipe, precision, device, quantize=quantize)
-    if device.cuda and (recipe.quantization.mode == "none" or not quantize):
-        base = base.to("cuda")  # quantized models are already placed by their device_map
-    model = PeftModel.from_pretrained(base, str(run_dir))
-    model.eval()
+    model = attach_adapter(run_dir, recipe, precision, device, quantize)
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
     return model, tokenizer, recipe
