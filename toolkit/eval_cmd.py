@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from toolkit import data, runs, terms
+from toolkit import data, modeling, runs, terms
 from toolkit.errors import ToolkitError
 from toolkit.report import console, progress_bar, show, write_json
 from toolkit.cli import positive_int
@@ -79,14 +79,6 @@ def glossary_for(recipe, rows: list[data.Row]) -> list[str] | None:
     return data.read_glossary(path)
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends an answer: the generation config's eos ids (end_of_text, eom, eot) and the tokenizer's."""
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
-    ids += [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")]
-    return list(dict.fromkeys(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id))
-
-
 def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
                      label: str) -> list[str]:
     """Greedy answers in the prompts' order; batches hold prompts of similar length so little is padding.
@@ -98,7 +90,7 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, max_
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    stop_ids = stop_token_ids(model, tokenizer)
+    stop_ids = modeling.stop_token_ids(model, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     with progress_bar() as progress:

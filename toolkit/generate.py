@@ -11,7 +11,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from toolkit import data, runs
+from toolkit import data, modeling, runs
 from toolkit.errors import ToolkitError
 from toolkit.report import console
 from toolkit.cli import positive_int
@@ -50,7 +50,8 @@ def generate(model, tokenizer, encoded, max_new_tokens: int, base: bool) -> int:
     encoded = encoded.to(next(model.parameters()).device)
     with model.disable_adapter() if base else nullcontext(), torch.no_grad():
         output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                top_p=None, top_k=None, streamer=streamer, pad_token_id=tokenizer.pad_token_id)
+                                top_p=None, top_k=None, streamer=streamer, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=modeling.stop_token_ids(model, tokenizer))
     return output.shape[1] - encoded["input_ids"].shape[1]
 
 
