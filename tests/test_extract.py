@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from toolkit.cli import main
+from toolkit.errors import ToolkitError
 from toolkit.extract import choose_format, mismatches, read_state_dict
 
 
@@ -37,12 +38,29 @@ def test_round_trip_matches_peft_state_dict(tiny_run, peft_state, tmp_path, fmt,
     assert "Adapter extracted" in out and "identical" in out
 
 
-def test_default_output_is_in_the_run(tiny_run, tmp_path):
+def test_default_output_is_beside_the_run_never_inside(tiny_run, tmp_path):
     run_dir = tmp_path / "run"  # a copy: the shared run stays as training left it
     shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("checkpoint-*"))
+    before = sorted(p.name for p in run_dir.iterdir())
     assert main(["extract", str(run_dir)]) == 0
-    assert (run_dir / "adapter_state_dict.safetensors").is_file()
-    assert (run_dir / "adapter_state_dict.adapter_config.json").is_file()
+    assert (tmp_path / "run-adapter_state_dict.safetensors").is_file()
+    assert (tmp_path / "run-adapter_state_dict.adapter_config.json").is_file()
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_existing_output_needs_overwrite_and_must_be_extracts_own(tiny_run, tmp_path, capsys):
+    output = tmp_path / "adapter.safetensors"
+    assert main(["extract", str(tiny_run), "--output", str(output)]) == 0
+    first = output.read_bytes()
+    assert main(["extract", str(tiny_run), "--output", str(output)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().out
+    assert main(["extract", str(tiny_run), "--output", str(output), "--overwrite"]) == 0
+    assert output.read_bytes() == first
+    mine = tmp_path / "mine.pt"
+    torch.save({"weights": torch.zeros(2)}, mine)  # a user's own file that happens to share the name
+    assert main(["extract", str(tiny_run), "--output", str(mine), "--overwrite"]) == 2
+    assert "was not written by toolkit extract" in capsys.readouterr().out
+    assert torch.load(mine, weights_only=True)["weights"].shape == (2,)
 
 
 def test_mismatches_name_every_difference():
@@ -60,14 +78,20 @@ def test_format_follows_the_output_suffix():
     assert choose_format("x/adapter.pt", None) == "pt"
     assert choose_format("x/adapter.safetensors", None) == "safetensors"
     assert choose_format(None, None) == "safetensors"
-    assert choose_format("x/adapter.bin", "safetensors") == "safetensors"
+    assert choose_format("x/adapter.weights", "pt") == "pt"
+    with pytest.raises(ToolkitError, match="--format safetensors does not match the name x/adapter.bin"):
+        choose_format("x/adapter.bin", "safetensors")
+    with pytest.raises(ToolkitError, match=r"--format pt does not match the name x/a.safetensors \(.safetensors is"):
+        choose_format("x/a.safetensors", "pt")
 
 
 def test_not_a_run_is_a_one_line_error(tmp_path):
     assert main(["extract", str(tmp_path)]) == 2
 
 
-def test_the_runs_own_adapter_file_is_not_overwritten(tiny_run):
-    before = (tiny_run / "adapter_model.safetensors").read_bytes()
-    assert main(["extract", str(tiny_run), "--output", str(tiny_run / "adapter_model.safetensors"), "--format", "pt"]) == 2
-    assert (tiny_run / "adapter_model.safetensors").read_bytes() == before
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json", "new.safetensors"])
+def test_nothing_is_written_into_the_run(tiny_run, name, capsys):
+    before = {p.name: p.read_bytes() for p in tiny_run.iterdir() if p.is_file()}
+    assert main(["extract", str(tiny_run), "--output", str(tiny_run / name), "--overwrite"]) == 2
+    assert "inside the run directory" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in tiny_run.iterdir() if p.is_file()} == before

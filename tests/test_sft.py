@@ -7,10 +7,14 @@ import json
 import time
 from pathlib import Path
 
+import shutil
+
 import pytest
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from conftest import tiny_recipe
+from toolkit import files, runs
 from toolkit.cli import main
 
 
@@ -76,27 +80,98 @@ def test_quantized_lora_trains_on_cpu(tmp_path, tiny_data, mode):
     assert f"mode: {mode}" in saved
 
 
-def test_existing_run_is_not_overwritten(tmp_path, tiny_data, capsys):
+def test_existing_folder_is_not_overwritten(tmp_path, tiny_data, capsys):
     recipe = tiny_recipe(tmp_path, tiny_data, train={"max_steps": 2})
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "keep.txt").write_text("mine", encoding="utf-8")
     assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 2
     assert "pass --overwrite" in capsys.readouterr().out
-    assert (run_dir / "keep.txt").exists()
     assert main(["sft", str(recipe), "--output-dir", str(run_dir), "--resume"]) == 2
-    assert main(["sft", str(recipe), "--output-dir", str(run_dir), "--overwrite"]) == 0
-    assert not (run_dir / "keep.txt").exists() and (run_dir / "adapter_model.safetensors").exists()
+    assert "not a toolkit run directory" in capsys.readouterr().out
+    assert (run_dir / "keep.txt").read_text(encoding="utf-8") == "mine"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["keep.txt"]
 
 
-def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_data):
-    recipe = tiny_recipe(tmp_path, tiny_data, train={"max_steps": 4, "save_steps": 2})
-    run_dir = tmp_path / "run"
-    assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 0
-    assert (run_dir / "checkpoint-4").is_dir()
-    longer = tiny_recipe(tmp_path, tiny_data, train={"max_steps": 6, "save_steps": 2})
-    assert main(["sft", str(longer), "--output-dir", str(run_dir), "--resume"]) == 0
-    assert json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["summary"]["steps"] == 6
+def interrupt_after_checkpoint(step: int, monkeypatch):
+    """Ctrl-C right after checkpoint-`step` is written, as a user (or a preempted job) would stop a run."""
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == step:
+            raise KeyboardInterrupt
+        return control
+
+    monkeypatch.setattr(runs.RichProgressCallback, "on_save", on_save, raising=False)
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory, tiny_data) -> dict:
+    """One uninterrupted 6-step run, and a copy of the same recipe interrupted after checkpoint-4."""
+    folder = tmp_path_factory.mktemp("resume")
+    recipe = tiny_recipe(folder, tiny_data, train={"max_steps": 6, "save_steps": 2, "logging_steps": 1})
+    whole = folder / "whole"
+    assert main(["sft", str(recipe), "--output-dir", str(whole)]) == 0
+    interrupted = folder / "interrupted"
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_after_checkpoint(4, patch)
+        assert main(["sft", str(recipe), "--output-dir", str(interrupted)]) == 130
+    return {"recipe": recipe, "whole": whole, "interrupted": interrupted}
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / run_dir.name
+    shutil.copytree(run_dir, target)
+    return target
+
+
+def test_an_interrupted_run_is_kept_incomplete_and_refused_by_readers(six_steps, tmp_path, capsys):
+    run_dir = six_steps["interrupted"]
+    assert sorted(p.name for p in runs.checkpoints(run_dir)) == ["checkpoint-2", "checkpoint-4"]
+    assert not files.is_complete(run_dir, "run") and not (run_dir / files.LOCK).exists()
+    assert main(["eval", str(run_dir)]) == 2
+    assert "is an interrupted run" in capsys.readouterr().out
+    again = copy_of(run_dir, tmp_path)
+    assert main(["sft", str(six_steps["recipe"]), "--output-dir", str(again)]) == 2
+    assert "holds an interrupted run; pass --resume" in capsys.readouterr().out
+
+
+def test_resume_ends_in_the_uninterrupted_adapter(six_steps, tmp_path):
+    run_dir = copy_of(six_steps["interrupted"], tmp_path)
+    assert main(["sft", str(six_steps["recipe"]), "--output-dir", str(run_dir), "--resume"]) == 0
+    resumed, whole = lora_tensors(run_dir), lora_tensors(six_steps["whole"])
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+    assert losses(run_dir)[-2:] == losses(six_steps["whole"])[-2:]
+    assert files.is_complete(run_dir, "run")
+
+
+def test_resume_starts_from_the_checkpoints_weights(six_steps, tmp_path):
+    """A changed checkpoint must change the result: a resume that restarted from scratch would not notice."""
+    run_dir = copy_of(six_steps["interrupted"], tmp_path)
+    adapter = run_dir / "checkpoint-4" / "adapter_model.safetensors"
+    tensors = load_file(str(adapter))
+    save_file({k: v + 0.05 if "lora_B" in k else v for k, v in tensors.items()}, str(adapter))
+    assert main(["sft", str(six_steps["recipe"]), "--output-dir", str(run_dir), "--resume"]) == 0
+    resumed, whole = lora_tensors(run_dir), lora_tensors(six_steps["whole"])
+    assert any((resumed[k] - whole[k]).abs().max() > 0.01 for k in whole if "lora_B" in k and "self_attn" in k)
+
+
+def test_resume_skips_a_checkpoint_cut_short_by_a_crash(six_steps, tmp_path, capsys):
+    run_dir = copy_of(six_steps["interrupted"], tmp_path)
+    (run_dir / "checkpoint-4" / "trainer_state.json").unlink()  # killed while checkpoint-4 was being written
+    assert main(["sft", str(six_steps["recipe"]), "--output-dir", str(run_dir), "--resume"]) == 0
+    out = capsys.readouterr().out.replace("\n", "")
+    assert "checkpoint-4: incomplete (missing trainer_state.json)" in out and "resuming from" in out
+    assert "checkpoint-2" in out
+    resumed, whole = lora_tensors(run_dir), lora_tensors(six_steps["whole"])
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_resume_on_a_finished_run_changes_nothing(six_steps, tmp_path, capsys):
+    run_dir = copy_of(six_steps["whole"], tmp_path)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert main(["sft", str(six_steps["recipe"]), "--output-dir", str(run_dir), "--resume"]) == 0
+    assert "is a finished run; --resume only continues an interrupted one, so nothing was trained" in \
+        capsys.readouterr().out.replace("\n", "")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
 
 
 def test_unreachable_hub_model_is_one_line(tmp_path, tiny_data, capsys, monkeypatch):

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from toolkit import data, modeling, runs, terms
+from toolkit import data, files, modeling, runs, terms
 from toolkit.errors import ToolkitError
 from toolkit.report import console, progress_bar, show, write_json
 from toolkit.cli import positive_int
@@ -194,7 +194,7 @@ def write_predictions(path: Path, records: list[dict]) -> None:
 
 def check_outputs(run_dir: Path, json_path: Path) -> None:
     """Fail before the slow part if the results could not be written."""
-    if not runs.writable(run_dir):
+    if not files.writable(run_dir):
         raise ToolkitError(f"cannot write {PREDICTIONS_FILE} into {run_dir}: the directory is not writable")
     if not json_path.parent.is_dir():
         raise ToolkitError(f"--json: folder {json_path.parent} does not exist")

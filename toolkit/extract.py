@@ -8,45 +8,89 @@ the weights alone do not say which modules they wrap or how they are scaled.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
-from toolkit import runs
+from toolkit import files, runs
 from toolkit.errors import ToolkitError
 from toolkit.report import console, show
 
 SUFFIXES = {"safetensors": ".safetensors", "pt": ".pt"}
 DEFAULT_NAME = "adapter_state_dict"
+PT_SUFFIXES = (".pt", ".pth", ".bin")
+WRITTEN_BY = "toolkit extract"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toolkit extract",
                                      description="Write a run's adapter state_dict to one file.")
     parser.add_argument("run_dir", help="a finished run directory (from toolkit sft)")
-    parser.add_argument("--output", help=f"file to write (default RUN_DIR/{DEFAULT_NAME}.safetensors or .pt)")
+    parser.add_argument("--output", help=f"file to write (default: beside the run, RUN-{DEFAULT_NAME}.safetensors "
+                                         "or .pt)")
     parser.add_argument("--format", choices=sorted(SUFFIXES),
                         help="safetensors or pt (torch.save); default: from --output's suffix, else safetensors")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output that an earlier toolkit extract wrote")
     return parser
 
 
 def choose_format(output: str | None, requested: str | None) -> str:
-    """An explicit --format wins; otherwise a .pt/.pth/.bin output means torch.save, anything else safetensors."""
-    if requested:
-        return requested
-    if output and Path(output).suffix.lower() in (".pt", ".pth", ".bin"):
-        return "pt"
-    return "safetensors"
+    """An explicit --format wins; otherwise a .pt/.pth/.bin output means torch.save, anything else safetensors.
+    A format that contradicts the file name's suffix is refused: the name would lie about the contents."""
+    suffix = Path(output).suffix.lower() if output else ""
+    implied = "pt" if suffix in PT_SUFFIXES else "safetensors" if suffix == ".safetensors" else None
+    if requested and implied and requested != implied:
+        raise ToolkitError(f"--format {requested} does not match the name {output} ({suffix} is {implied}); "
+                           "change one of them")
+    return requested or implied or "safetensors"
 
 
 def output_paths(run_dir: Path, output: str | None, fmt: str) -> tuple[Path, Path]:
-    """The state_dict file and its adapter config beside it (`<stem>.adapter_config.json`)."""
-    path = Path(output) if output else run_dir / f"{DEFAULT_NAME}{SUFFIXES[fmt]}"
+    """The state_dict file and its adapter config beside it (`<stem>.adapter_config.json`), never in the run."""
+    default = run_dir.resolve().parent / f"{run_dir.resolve().name}-{DEFAULT_NAME}{SUFFIXES[fmt]}"
+    path = files.expand(output) if output else default
     if path.is_dir():
         example = path / f"{DEFAULT_NAME}{SUFFIXES[fmt]}"
         raise ToolkitError(f"--output {path} is a directory; give a file name, e.g. {example}")
-    if path.resolve() == (run_dir / "adapter_model.safetensors").resolve():
-        raise ToolkitError(f"--output {path} is the run's own adapter file; choose another name")
+    if run_dir.resolve() in path.resolve().parents:
+        raise ToolkitError(f"--output {path} is inside the run directory {run_dir}; the toolkit never writes into "
+                           "the run it reads. Choose a path outside it")
     return path, path.with_name(f"{path.stem}.adapter_config.json")
+
+
+def written_by_extract(path: Path) -> bool:
+    """Whether an existing file is one this command wrote: an adapter state_dict or an adapter config."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        if path.name.endswith(".adapter_config.json"):
+            return "peft_type" in json.loads(path.read_text(encoding="utf-8"))
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                return (handle.metadata() or {}).get("written_by") == WRITTEN_BY
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return isinstance(state, dict) and bool(state) and all("lora_" in str(key) for key in state)
+    except Exception:  # unreadable in any way: not ours
+        return False
+
+
+def check_outputs(paths: tuple[Path, Path], overwrite: bool) -> None:
+    """Before any slow work: existing outputs need --overwrite and must be extract's own; the folder writable."""
+    for path in paths:
+        if not path.exists():
+            continue
+        if not overwrite:
+            raise ToolkitError(f"{path} exists; pass --overwrite to replace it or choose another --output")
+        if not written_by_extract(path):
+            raise ToolkitError(f"{path} exists and was not written by toolkit extract; --overwrite only replaces "
+                               "extract's own files. Remove it yourself or choose another --output")
+    parent = paths[0].resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not files.writable(parent):
+        raise ToolkitError(f"cannot write {paths[0]}: {parent} is not writable")
 
 
 def adapter_state_dict(run_dir: Path) -> dict:
@@ -61,9 +105,8 @@ def write_state_dict(tensors: dict, path: Path, fmt: str) -> None:
     import torch
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
-        save_file(tensors, str(path), metadata={"format": "pt"})
+        save_file(tensors, str(path), metadata={"format": "pt", "written_by": WRITTEN_BY})
     else:
         torch.save(tensors, path)
 
@@ -97,21 +140,23 @@ def mismatches(expected: dict, found: dict) -> list[str]:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    run_dir = Path(args.run_dir)
+    run_dir = files.expand(args.run_dir)
     runs.open_run(run_dir)  # a clear error before any model is loaded
     fmt = choose_format(args.output, args.format)
     path, config_path = output_paths(run_dir, args.output, fmt)
+    check_outputs((path, config_path), args.overwrite)
     tensors = adapter_state_dict(run_dir)
     if not tensors:
         raise ToolkitError(f"{run_dir}: the adapter has no tensors; is adapter_model.safetensors complete?")
-    write_state_dict(tensors, path, fmt)
-    shutil.copyfile(run_dir / "adapter_config.json", config_path)
-    problems = mismatches(tensors, read_state_dict(path, fmt))
-    if problems:
-        listed = "\n".join(f"  {p}" for p in problems[:10])
-        console.print(f"[bold red]error:[/] {path} does not read back as the adapter ({len(problems)} problem(s)):\n"
-                      f"{listed}", soft_wrap=True)
-        return 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with files.staged_file(path) as staged, files.staged_file(config_path) as staged_config:
+        write_state_dict(tensors, staged, fmt)
+        shutil.copyfile(run_dir / runs.ADAPTER_CONFIG, staged_config)
+        problems = mismatches(tensors, read_state_dict(staged, fmt))
+        if problems:  # raising keeps the staged files from being renamed into place
+            listed = "\n".join(f"  {p}" for p in problems[:10])
+            raise ToolkitError(f"the written file does not read back as the adapter ({len(problems)} problem(s)); "
+                               f"nothing was written to {path}:\n{listed}")
     show_result(path, fmt, tensors, config_path)
     return 0
 

@@ -9,10 +9,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
-from toolkit import data, modeling, runs
+from rich.markup import escape
+
+from toolkit import data, files, modeling, runs
 from toolkit.errors import ToolkitError
 from toolkit.report import console, show, write_json
 from toolkit.translate import DTYPE_NAMES, resolve_precision
@@ -25,6 +30,7 @@ RELATIVE_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-1}
 VERIFY_ROWS = 4
 FALLBACK_ROW = {"instruction": "다음 건설 용어를 설명하세요.", "input": "거푸집"}
 REPORT_FILE = "merge_report.json"
+KIND = "merged"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,14 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_output(out: Path, run_dir: Path, overwrite: bool) -> None:
-    """Refuse before any slow work: a non-empty folder without --overwrite, a file, or the run itself."""
+    """Refuse before any slow work: a file, the run itself (or a folder inside or around it), a non-empty folder
+    without --overwrite, and with --overwrite anything but a merged model the toolkit made."""
     if out.exists() and not out.is_dir():
         raise ToolkitError(f"--output {out} is a file; give a directory")
     resolved, run = out.resolve(), run_dir.resolve()
-    if resolved == run or resolved in run.parents:
-        raise ToolkitError(f"--output {out} would replace the run directory {run_dir}; choose another folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ToolkitError(f"--output {out} is not empty; pass --overwrite to replace it")
+    if resolved == run or resolved in run.parents or run in resolved.parents:
+        raise ToolkitError(f"--output {out} overlaps the run directory {run_dir}; choose a folder outside it")
+    if files.entries(out):
+        if not overwrite:
+            raise ToolkitError(f"--output {out} is not empty; pass --overwrite to replace it")
+        files.check_replaceable(out, KIND, "--output")
+    parent = resolved.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not files.writable(parent):
+        raise ToolkitError(f"--output {out}: {parent} is not writable")
 
 
 def default_dtype(recipe, device) -> str:
@@ -147,7 +161,7 @@ def load_saved(out: Path, dtype: str, device):
 
 
 def merge(run_dir: Path, recipe, out: Path, dtype: str, max_shard_size: str) -> dict:
-    """Merge, save, reload and measure; returns the numbers the verdict is made from."""
+    """Merge, save into `out`, reload and measure; returns the numbers the verdict is made from."""
     from transformers import AutoTokenizer
 
     device = modeling.detect_accelerator()
@@ -157,7 +171,6 @@ def merge(run_dir: Path, recipe, out: Path, dtype: str, max_shard_size: str) -> 
     with model.disable_adapter():
         adapter_effect = max_delta(logits(model, prompts), reference)
     merged = model.merge_and_unload()
-    out.mkdir(parents=True, exist_ok=True)
     save_merged(merged, run_dir, recipe, out, max_shard_size)
     del merged, model
     gc.collect()
@@ -171,31 +184,56 @@ def merge(run_dir: Path, recipe, out: Path, dtype: str, max_shard_size: str) -> 
     }
 
 
+def staging_dir(out: Path) -> Path:
+    """A fresh sibling of `out` to build the merged model in; it replaces `out` only once it has passed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
+    files.write_marker(staging, KIND, complete=False)
+    return staging
+
+
+def put_in_place(staging: Path, out: Path) -> None:
+    """Swap the verified model into `out`; an old merged model there (checked to be ours) is removed after."""
+    old = None
+    if out.exists():
+        files.check_replaceable(out, KIND, "--output")
+        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def passes(result: dict, tolerance: float, traces: list[str]) -> bool:
+    """Fail closed: NaN compares false with everything, so the check asks for finite numbers within tolerance."""
+    delta = result["max_abs_delta"]
+    return math.isfinite(delta) and math.isfinite(result["max_abs_logit"]) and delta <= tolerance and not traces
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    run_dir, out = Path(args.run_dir), Path(args.output)
+    run_dir, out = files.expand(args.run_dir), files.expand(args.output)
     recipe = runs.open_run(run_dir)
     check_output(out, run_dir, args.overwrite)
     dtype = args.dtype or default_dtype(recipe, modeling.detect_accelerator())
     quantized_base_note(recipe, dtype)
-    if out.exists() and args.overwrite:
-        shutil.rmtree(out)
-    created = not out.exists()
+    staging = staging_dir(out)
     try:
-        result = merge(run_dir, recipe, out, dtype, args.max_shard_size)
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)  # leave no half-written model behind
-        raise
-    tolerance = args.tolerance
-    if tolerance is None:
-        tolerance = RELATIVE_TOLERANCE[dtype] * max(1.0, result["max_abs_logit"])
-    traces = adapter_traces(out)
-    passed = result["max_abs_delta"] <= tolerance and not traces
-    report = {"run": str(run_dir), "dtype": dtype, "quantization_of_training_base": recipe.quantization.mode,
-              **result, "tolerance": tolerance, "passed": passed}
-    write_json(out / REPORT_FILE, report)
-    show_result(out, report)
+        result = merge(run_dir, recipe, staging, dtype, args.max_shard_size)
+        tolerance = args.tolerance
+        if tolerance is None:
+            tolerance = RELATIVE_TOLERANCE[dtype] * max(1.0, result["max_abs_logit"])
+        traces = adapter_traces(staging)
+        report = {"run": str(run_dir), "dtype": dtype, "quantization_of_training_base": recipe.quantization.mode,
+                  **result, "tolerance": tolerance, "passed": passes(result, tolerance, traces)}
+        show_result(out, report)
+        if not report["passed"]:
+            return verdict(out, report, traces)
+        write_json(staging / REPORT_FILE, report)
+        files.write_marker(staging, KIND, complete=True)
+        put_in_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when it was put in place
     return verdict(out, report, traces)
 
 
@@ -212,20 +250,21 @@ def show_result(out: Path, report: dict) -> None:
 
 
 def verdict(out: Path, report: dict, traces: list[str]) -> int:
-    """0 when the saved model reproduces base + adapter; 1 (files kept, for inspection) when it does not."""
+    """0 when the saved model reproduces base + adapter; 1 (and nothing written to `out`) when it does not."""
+    where = escape(str(out))
     if traces:
-        console.print(f"[bold red]error:[/] {out} is not a plain model (loading it would need PEFT or a quantizer): "
-                      f"{', '.join(traces)}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] the merged model is not a plain model (loading it would need PEFT or a "
+                      f"quantizer): {escape(', '.join(traces))}; nothing was written to {where}", soft_wrap=True)
         return 1
-    if report["max_abs_delta"] > report["tolerance"]:
+    if not report["passed"]:
         hint = "" if report["dtype"] == "fp32" else " (--dtype fp32 rounds less; --tolerance if this is expected)"
-        console.print(f"[bold red]error:[/] the merged model in {out} differs from base + adapter by "
-                      f"{report['max_abs_delta']:.3g} > tolerance {report['tolerance']:.3g}; do not use it{hint}",
-                      soft_wrap=True)
+        console.print(f"[bold red]error:[/] the merged model differs from base + adapter by "
+                      f"{report['max_abs_delta']:.3g}, not within tolerance {report['tolerance']:.3g}; do not use "
+                      f"it. Nothing was written to {where}{hint}", soft_wrap=True)
         return 1
     if report["adapter_effect"] <= report["tolerance"]:
         console.print(f"[yellow]note:[/] the adapter moves logits by at most {report['adapter_effect']:.3g}, within "
                       "the tolerance, so this check cannot tell the merged model from the base; --dtype fp32 can",
                       soft_wrap=True)
-    console.print(f"Merged model in [bold]{out}[/]: loads with from_pretrained, no PEFT needed.", soft_wrap=True)
+    console.print(f"Merged model in [bold]{where}[/]: loads with from_pretrained, no PEFT needed.", soft_wrap=True)
     return 0

@@ -7,6 +7,7 @@ setting that is silently ignored. All problems are collected and reported togeth
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,10 +20,12 @@ from toolkit.formatters import FORMATTERS
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe inside a run directory
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+MAX_COUNT = 100_000_000  # steps and intervals beyond this are typos, not plans
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` and `.nan` are valid YAML floats but no setting can work with them.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -38,12 +41,15 @@ class QuantizationSection(Section):
     double_quant: bool = Field(True, description="4-bit: quantize the quantization constants too (saves ~0.4 bit/param).")
     compute_dtype: Precision = Field("auto", description="4-bit matmul dtype; auto follows train.precision.")
     int8_threshold: float = Field(6.0, ge=0, description="8-bit: outlier threshold (LLM.int8()).")
-    skip_modules: list[str] | None = Field(None, description="Modules left unquantized (lm_head always is).")
+    skip_modules: list[str] | None = Field(
+        None, description="Modules left unquantized. Unset: transformers keeps lm_head unquantized; a list replaces "
+        "that default, so name lm_head in it to keep it so."
+    )
 
 
 class LoraSection(Section):
-    r: int = Field(8, gt=0, description="LoRA rank.")
-    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    r: int = Field(8, gt=0, le=4096, description="LoRA rank.")
+    alpha: float = Field(16, gt=0, le=1e6, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     targets: list[str] | str = Field(
         ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -56,6 +62,18 @@ class LoraSection(Section):
     upcast_inputs: bool = Field(
         False, description="Feed LoRA fp32 copies of its inputs (PEFT's default; slower, more memory under bf16)."
     )
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_compile(cls, value):
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"not a valid regular expression ({err})") from None
+        elif not value or not all(name.strip() for name in value):
+            raise ValueError("give at least one module name, none empty")
+        return value
 
 
 class DataSection(Section):
@@ -83,26 +101,40 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    epochs: float = Field(3, gt=0, description="Passes over the training rows (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(2, gt=0, description="Rows per device per micro-batch.")
-    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(3, gt=0, le=10_000, description="Passes over the training rows (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, le=MAX_COUNT, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(2, gt=0, le=65_536, description="Rows per device per micro-batch.")
+    grad_accum: int = Field(1, gt=0, le=65_536, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming up.")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=10)
     max_grad_norm: float = Field(1.0, gt=0)
     optim: str = Field("adamw_torch", description="Any optimizer name transformers' Trainer accepts.")
-    max_seq_length: int = Field(512, gt=0, description="Longest row in tokens (see data.too_long).")
-    seed: int = Field(42, description="Seed for init, shuffling and dropout.")
+    max_seq_length: int = Field(512, ge=8, le=1_048_576, description="Longest row in tokens (see data.too_long).")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for init, shuffling and dropout.")
     precision: Precision = Field("auto", description="auto: bf16 where the GPU supports it, fp16 otherwise, fp32 on CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (slower).")
     group_by_length: bool = Field(False, description="Batch rows of similar length together (less padding).")
     liger_kernel: bool = Field(False, description="Use Liger's fused kernels (GPU, needs liger-kernel).")
-    logging_steps: int = Field(10, gt=0)
-    save_steps: int = Field(200, gt=0, description="Checkpoint every this many steps.")
-    save_total_limit: int | None = Field(2, gt=0, description="Keep at most this many checkpoints.")
-    eval_steps: int | None = Field(None, gt=0, description="Evaluate loss on the eval rows every this many steps.")
+    logging_steps: int = Field(10, gt=0, le=MAX_COUNT)
+    save_steps: int = Field(200, gt=0, le=MAX_COUNT, description="Checkpoint every this many steps.")
+    save_total_limit: int | None = Field(2, gt=0, le=MAX_COUNT, description="Keep at most this many checkpoints.")
+    eval_steps: int | None = Field(None, gt=0, le=MAX_COUNT,
+                                   description="Evaluate loss on the eval rows every this many steps.")
+
+    @field_validator("optim")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        from transformers.training_args import OptimizerNames
+
+        names = [o.value for o in OptimizerNames]
+        if value not in names:
+            close = difflib.get_close_matches(value, names, n=1, cutoff=0.75)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"unknown optimizer '{value}'{hint}; common ones: adamw_torch, adamw_torch_fused, "
+                             "adamw_8bit, paged_adamw_8bit, adafactor, sgd")
+        return value
 
 
 class Recipe(Section):
@@ -117,20 +149,33 @@ class Recipe(Section):
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value), the value read as YAML so numbers, booleans and lists keep their type."""
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ToolkitError(f"--set expects KEY=VALUE (e.g. train.max_steps=5), got '{text}'")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    path = key.strip().split(".")
+    if not sep or not all(part.strip() for part in path):
+        raise ToolkitError(f"--set expects KEY=VALUE with a dotted key (e.g. train.max_steps=5), got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ToolkitError(f"--set {key.strip()}: the value is not valid YAML ({yaml_problem(err)}); quote it, "
+                           f"e.g. --set '{key.strip()}=\"...\"'") from None
+    return [part.strip() for part in path], value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: Any, overrides: list[str]) -> Any:
+    """Set each `--set` key in the recipe's mapping, creating sections as needed."""
     for text in overrides:
         path, value = parse_override(text)
+        if not isinstance(data, dict):
+            raise ToolkitError(f"--set {'.'.join(path)}: the recipe is not a mapping of sections, so there is no "
+                               "key to set; fix the recipe file first")
         node = data
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1]):
             child = node.get(part)
-            if not isinstance(child, dict):
+            if child is None:
                 child = {}
                 node[part] = child
+            elif not isinstance(child, dict):
+                where = ".".join(path[: depth + 1])
+                raise ToolkitError(f"--set {'.'.join(path)}: {where} is a value ({child!r}), not a section")
             node = child
         node[path[-1]] = value
     return data
@@ -188,15 +233,26 @@ def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:
         raise ToolkitError(f"{source} has {len(problems)} problem(s):\n{lines}") from None
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (PyYAML's own message spans several lines with a caret drawing)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ToolkitError(f"recipe not found: {path}")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
-        raise ToolkitError(f"{path}: not valid YAML: {err}") from None
+        raise ToolkitError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
     except UnicodeDecodeError:
         raise ToolkitError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise ToolkitError(f"{path}: nested too deeply to be a recipe") from None
+    except OSError as err:
+        raise ToolkitError(f"{path}: cannot be read ({err.strerror})") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -210,5 +266,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def save_recipe(recipe: Recipe, path: Path) -> None:
     """Write the fully resolved recipe (every default spelled out) so a run can be reproduced from its directory."""
+    from toolkit.files import write_text_atomic
+
     text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-    path.write_text(text, encoding="utf-8")
+    write_text_atomic(path, text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -38,8 +39,23 @@ def show(title: str, columns: list[str], rows: list[list]) -> None:
     console.print(table(title, columns, rows))
 
 
+def strict_json_value(value):
+    """NaN and inf become null: strict JSON readers reject the bare `NaN` Python's json module writes."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(item) for item in value]
+    return value
+
+
 def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Strict JSON, written through a temporary sibling so a crash never leaves half a file."""
+    from toolkit.files import write_text_atomic
+
+    text = json.dumps(strict_json_value(data), indent=2, ensure_ascii=False, allow_nan=False)
+    write_text_atomic(Path(path), text + "\n")
 
 
 def progress_bar(description: str = "") -> Progress:

@@ -1,35 +1,174 @@
-"""The run directory: what a training run leaves behind, and how later commands read it back."""
+"""The run directory: what a training run leaves behind, how it is claimed, and how later commands read it back."""
 
 from __future__ import annotations
 
 import json
-import tempfile
+import math
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from toolkit import builtin, modeling
+from toolkit import builtin, files, modeling
 from toolkit.errors import ToolkitError
 from toolkit.recipe import RECIPE_FILE, load_recipe, save_recipe
 from toolkit.report import progress_bar, write_json
 
 METRICS_FILE = "metrics.json"
 LOSS_PLOT = "loss.png"
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+KIND = "run"
+# The Trainer writes a checkpoint's trainer_state.json after its weights, optimizer, scheduler and RNG state, so a
+# checkpoint whose state file reads back (and whose adapter opens) was written to the end.
+CHECKPOINT_FILES = ("trainer_state.json", ADAPTER_FILE, "optimizer.pt", "scheduler.pt")
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
+def checkpoints(run_dir: Path) -> list[Path]:
+    """checkpoint-N folders, newest first."""
     if not run_dir.is_dir():
-        return None
+        return []
     found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
 
 
-def writable(folder: Path) -> bool:
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (None when it is complete)."""
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
     try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "trainer_state.json is unreadable"
+    if not isinstance(state, dict) or state.get("global_step") != int(folder.name.split("-")[-1]):
+        return "trainer_state.json does not match the folder's step"
+    return adapter_file_problem(folder / ADAPTER_FILE)
+
+
+def resumable_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint, and the newer ones skipped with the reason (a crash while saving)."""
+    skipped = []
+    for folder in checkpoints(run_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append((folder, problem))
+    return None, skipped
+
+
+def adapter_file_problem(path: Path) -> str | None:
+    """Why an adapter file is not a usable adapter: unreadable, truncated, or holding NaN/inf values."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                if tensor.is_floating_point() and not tensor.isfinite().all():
+                    return f"{path.name}: tensor {key} holds NaN or inf values"
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+        return f"{path.name} is not a readable safetensors file ({str(err).splitlines()[0][:120]})"
+    return None
+
+
+@dataclass
+class Claim:
+    """What `claimed_run_dir` found and did: the checkpoint to resume from, and whether the run is already done."""
+
+    run_dir: Path
+    created: bool
+    resume_from: Path | None = None
+    skipped: list = field(default_factory=list)
+    finished: bool = False
+
+
+def check_parent_writable(run_dir: Path) -> None:
+    parent = run_dir.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not files.writable(parent):
+        raise ToolkitError(f"cannot write the run directory {run_dir}: {parent} is not a writable directory")
+
+
+def inspect_for_training(run_dir: Path, overwrite: bool, resume: bool, claim: Claim) -> None:
+    """Decide what training may do with an existing directory; raises when the user has to choose."""
+    marker = files.read_marker(run_dir)
+    is_run = marker is not None and marker.get("kind") == KIND
+    if resume:
+        if not is_run:
+            raise ToolkitError(f"--resume: {run_dir} is not a toolkit run directory; nothing to continue")
+        if marker.get("complete"):
+            claim.finished = True
+            return
+        claim.resume_from, claim.skipped = resumable_checkpoint(run_dir)
+        if claim.resume_from is None:
+            raise ToolkitError(f"--resume: {run_dir} has no complete checkpoint-* folder to continue from; "
+                               "start again with --overwrite")
+        return
+    if not files.entries(run_dir):
+        return
+    if overwrite:
+        files.check_replaceable(run_dir, KIND, "--output-dir")
+        return
+    if is_run and not marker.get("complete"):
+        raise ToolkitError(f"{run_dir} holds an interrupted run; pass --resume to continue it or --overwrite to "
+                           "start again")
+    raise ToolkitError(f"run directory {run_dir} is not empty; pass --overwrite to replace it or --resume")
+
+
+@contextmanager
+def claimed_run_dir(run_dir: Path, overwrite: bool, resume: bool):
+    """The run directory, checked, locked against a second writer and marked incomplete while training runs.
+
+    On failure a directory this call created is removed again unless a complete checkpoint is worth keeping; the
+    lock is always released. The caller marks the run complete (`finish_run`) once every file is in place.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ToolkitError(f"run directory {run_dir} is a file; choose a directory")
+    check_parent_writable(run_dir)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    claim = Claim(run_dir, created)
+    try:
+        files.acquire_lock(run_dir)
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    try:
+        inspect_for_training(run_dir, overwrite, resume, claim)
+        if claim.finished:
+            yield claim
+            return
+        for folder, _ in claim.skipped:
+            shutil.rmtree(folder)  # an incomplete checkpoint inside our own run; the Trainer would trip over it
+        if overwrite and not resume:
+            files.empty_owned(run_dir, KIND, "--output-dir")
+        files.write_marker(run_dir, KIND, complete=False)
+        yield claim
+    except BaseException:
+        if (claim.created or overwrite) and resumable_checkpoint(run_dir)[0] is None and not claim.finished:
+            if claim.created:
+                shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run behind
+            else:
+                files.empty_owned(run_dir, KIND, "--output-dir")
+        raise
+    finally:
+        if run_dir.exists():
+            files.release_lock(run_dir)
+
+
+def finish_run(run_dir: Path) -> None:
+    """Mark the run complete: the last write of a training run, after every file is in place."""
+    problem = adapter_file_problem(run_dir / ADAPTER_FILE)
+    if problem:
+        raise ToolkitError(f"{run_dir}: the saved adapter is not usable ({problem}); the run stays incomplete")
+    files.write_marker(run_dir, KIND, complete=True)
 
 
 class RichProgressCallback(TrainerCallback):
@@ -82,7 +221,8 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    with files.staged_file(path) as temporary:
+        fig.savefig(temporary, format="png")
     plt.close(fig)
 
 
@@ -137,8 +277,58 @@ def run_card(prepared, summary: dict, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+class FiniteGuard(TrainerCallback):
+    """Stops training at the first NaN or inf in the logged loss, the gradient norm or the adapter weights.
+
+    A diverged run must never be saved as a finished one. The adapter is checked whenever the Trainer is about to
+    log or checkpoint (one device sync then, none on other steps), so no checkpoint holding NaN is written. The
+    loss is logged unfiltered (`logging_nan_inf_filter=False`), so a NaN on any step shows in the next log. Under
+    fp16 an infinite gradient norm is the loss scaler's normal overflow signal (that step is skipped), not a failure.
+    """
+
+    def __init__(self, precision: str):
+        self.check_grad_norm = precision != "fp16"
+        self.problem: str | None = None
+
+    def stop(self, control, problem: str):
+        self.problem = self.problem or problem
+        control.should_training_stop = True
+        control.should_save = False
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and (control.should_save or control.should_log or control.should_training_stop):
+            bad = first_non_finite(model)
+            if bad:
+                return self.stop(control, f"adapter weight {bad} is NaN or inf after step {state.global_step}")
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        keys = ("loss", "eval_loss") + (("grad_norm",) if self.check_grad_norm else ())
+        for key in keys:
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                return self.stop(control, f"{key} is {value} at step {state.global_step}")
+        return control
+
+
+def first_non_finite(model) -> str | None:
+    """The name of the first trainable tensor holding NaN or inf, or None."""
+    import torch
+
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        return None
+    flags = torch.stack([p.detach().isfinite().all() for _, p in trainable]).cpu()  # one sync for all of them
+    return next((name for (name, _), ok in zip(trainable, flags.tolist()) if not ok), None)
+
+
 def save_run(trainer, prepared, run_dir: Path, result, seconds: float) -> dict:
-    """Write the run's files; every process must call it (sharded models gather on save), only the main writes."""
+    """Write the run's files; every process must call it (sharded models gather on save), only the main writes.
+
+    The run stays marked incomplete until `finish_run`, so a crash in here leaves a run that readers refuse and
+    `--resume` completes from its last checkpoint.
+    """
     recipe = prepared.recipe
     summary = run_summary(trainer, prepared, result, seconds)
     trainer.save_model(str(run_dir))
@@ -151,19 +341,31 @@ def save_run(trainer, prepared, run_dir: Path, result, seconds: float) -> dict:
     save_recipe(recipe, run_dir / RECIPE_FILE)
     write_json(run_dir / METRICS_FILE, {"summary": summary, "log_history": trainer.state.log_history})
     plot_loss(trainer.state.log_history, run_dir / LOSS_PLOT)
-    (run_dir / "README.md").write_text(run_card(prepared, summary, run_dir), encoding="utf-8")
+    files.write_text_atomic(run_dir / "README.md", run_card(prepared, summary, run_dir))
+    finish_run(run_dir)
     return summary
 
 
 def open_run(run_dir: str | Path):
-    """The recipe a run was trained with, read back from its directory; a clear error if it is not a run."""
+    """The recipe a run was trained with, read back from its directory; a clear error if it is not a finished,
+    usable run (interrupted, or its adapter files damaged)."""
     run_dir = Path(run_dir)
-    if not (run_dir / RECIPE_FILE).is_file() or not (run_dir / "adapter_config.json").is_file():
-        raise ToolkitError(f"{run_dir} is not a finished run directory (no {RECIPE_FILE} or adapter_config.json)")
+    if not run_dir.is_dir():
+        raise ToolkitError(f"run directory not found: {run_dir}")
+    marker = files.read_marker(run_dir)
+    if marker is not None and marker.get("kind") == KIND and not marker.get("complete"):
+        raise ToolkitError(f"{run_dir} is an interrupted run (training did not finish); "
+                           "finish it with toolkit sft RECIPE --output-dir RUN --resume")
+    if not (run_dir / RECIPE_FILE).is_file() or not (run_dir / ADAPTER_CONFIG).is_file():
+        raise ToolkitError(f"{run_dir} is not a finished run directory (no {RECIPE_FILE} or {ADAPTER_CONFIG})")
+    adapter_config = read_adapter_config(run_dir)
+    problem = adapter_file_problem(run_dir / ADAPTER_FILE)
+    if problem:
+        raise ToolkitError(f"{run_dir}: {problem}; the run's adapter is damaged, train it again")
     recipe = load_recipe(run_dir / RECIPE_FILE)
     if not builtin.is_builtin(recipe.model.name):
         return recipe
-    trained_on = Path(json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"])
+    trained_on = Path(str(adapter_config.get("base_model_name_or_path", "")))
     if trained_on == builtin.builtin_dir(recipe.model.name):
         return recipe
     if not (trained_on / "config.json").exists():
@@ -172,6 +374,17 @@ def open_run(run_dir: str | Path):
     # The built-in model changed since this run; its adapter belongs to the build it was trained on.
     return recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": str(trained_on)})})
 
+
+def read_adapter_config(run_dir: Path) -> dict:
+    """adapter_config.json as a dict; a one-line error when it is empty, truncated or not PEFT's."""
+    path = run_dir / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise ToolkitError(f"{path} is not valid JSON; the run's adapter config is damaged, train it again") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise ToolkitError(f"{path} is not a PEFT adapter config (no peft_type); the run is damaged, train it again")
+    return config
 
 
 def attach_adapter(run_dir: str | Path, recipe, precision: str, device, quantize: bool = True):

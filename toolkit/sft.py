@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
-from toolkit import distributed, modeling, runs
+from rich.markup import escape
+
+from toolkit import distributed, files, modeling, runs
 from toolkit.batching import length_grouped_order
 from toolkit.errors import ToolkitError
 from toolkit.prepare import prepare, show_plan
@@ -32,22 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Never clobber a finished run by accident; check writability before any slow work."""
-    exists = run_dir.exists() and any(run_dir.iterdir())
-    if resume:
-        if not runs.last_checkpoint(run_dir):
-            raise ToolkitError(f"--resume: no checkpoint-* folder in {run_dir} to continue from")
-        return
-    if exists and not overwrite:
-        raise ToolkitError(f"run directory {run_dir} is not empty; pass --overwrite to replace it or --resume")
-    parent = run_dir.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not runs.writable(parent):
-        raise ToolkitError(f"cannot write the run directory {run_dir}: {parent} is not writable")
-
-
 def training_order(prepared) -> list:
     """The rows in the order they are trained: as given (the Trainer shuffles), or grouped by length."""
     rows, settings = prepared.train_rows, prepared.recipe.train
@@ -58,7 +43,7 @@ def training_order(prepared) -> list:
     return [rows[i] for i in order]
 
 
-def train(prepared, run_dir: Path, resume: bool, strategy: str = "ddp"):
+def train(prepared, run_dir: Path, resume_from: Path | None, strategy: str = "ddp"):
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
@@ -73,6 +58,7 @@ def train(prepared, run_dir: Path, resume: bool, strategy: str = "ddp"):
         recipe.train, prepared.precision, prepared.device, str(run_dir), eval_set is not None, recipe.data.too_long,
         distributed.world_size(), strategy,
     )
+    guard = runs.FiniteGuard(prepared.precision)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -80,13 +66,17 @@ def train(prepared, run_dir: Path, resume: bool, strategy: str = "ddp"):
         eval_dataset=eval_set,
         processing_class=prepared.tokenizer,
         peft_config=prepared.lora_config,
-        callbacks=[runs.RichProgressCallback()],
+        callbacks=[runs.RichProgressCallback(), guard],
     )
     trainer.remove_callback(PrinterCallback)  # the rich bar shows progress; raw log dicts would only add noise
     modeling.adapters_for_mixed_precision(trainer.model, prepared.precision, recipe.lora.upcast_inputs)
     show_placement(trainer.model)
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if guard.problem:
+        raise ToolkitError(f"training diverged: {guard.problem}; no finished run was written (checkpoints before "
+                           f"that step are kept in {run_dir}). Lower train.learning_rate (now "
+                           f"{recipe.train.learning_rate:g}) or check lora.alpha and the data")
     return trainer, result, time.time() - started
 
 
@@ -102,49 +92,51 @@ def show_placement(model) -> None:
                       f"{counts['cross-attention']:,} adapter parameters stay at their initial values")
 
 
-def claim_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> bool:
-    """Check and (with --overwrite) clear the run directory; True when this call will create it."""
-    check_run_dir(run_dir, overwrite, resume)
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    return not run_dir.exists()
+def report_resume(claim) -> None:
+    for folder, problem in claim.skipped:
+        console.print(f"[yellow]note:[/] skipped {escape(str(folder))}: incomplete ({escape(problem)}), "
+                      "probably a crash while it was saved; removed", soft_wrap=True)
+    if claim.resume_from:
+        console.print(f"resuming from {escape(str(claim.resume_from))}", soft_wrap=True)
 
 
-def run(recipe, run_dir: Path, overwrite: bool, resume: bool, strategy: str = "ddp") -> Path:
-    prepared = prepare(recipe)
-    show_plan(prepared)
-    main_process = distributed.is_main_process()
-    created = claim_run_dir(run_dir, overwrite, resume) if main_process else False
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        trainer, result, seconds = train(prepared, run_dir, resume, strategy)
-    except BaseException:
-        if created and not runs.last_checkpoint(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run behind
-        raise
+def train_and_save(prepared, run_dir: Path, resume_from: Path | None, strategy: str) -> None:
+    trainer, result, seconds = train(prepared, run_dir, resume_from, strategy)
     summary = runs.save_run(trainer, prepared, run_dir, result, seconds)
     show("Training done", ["metric", "value"], [[k, v] for k, v in summary.items() if not isinstance(v, dict)])
-    console.print(f"Adapter and run files in [bold]{run_dir}[/]. Next: toolkit eval {run_dir} --compare-base")
-    return run_dir
+    console.print(f"Adapter and run files in [bold]{escape(str(run_dir))}[/]. "
+                  f"Next: toolkit eval {escape(str(run_dir))} --compare-base", soft_wrap=True)
 
 
-def launch_workers(args, recipe) -> int:
-    """Check what can be checked once, then start one training process per GPU under torch.distributed.run."""
-    run_dir = Path(recipe.output_dir)
-    prepare(recipe)  # recipe, data and targets fail here, once, instead of in every process
-    claim_run_dir(run_dir, args.overwrite, args.resume)
+def launch_workers(args, recipe, run_dir: Path, claim) -> int:
+    """Start one training process per GPU under torch.distributed.run; this process keeps the run's lock."""
     worker = ["sft", args.recipe, *(f"--set={o}" for o in args.overrides), "--output-dir", str(run_dir),
               "--strategy", args.strategy, *(["--resume"] if args.resume else [])]
     console.print(f"starting {args.gpus} training processes ({args.strategy})")
-    return 0 if distributed.launch(worker, args.gpus) == 0 else 1
+    code = distributed.launch(worker, args.gpus)
+    if code != 0 or not files.is_complete(run_dir, runs.KIND):
+        raise ToolkitError(f"a training process failed (exit code {code}); {run_dir} is left incomplete")
+    return 0
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
-    if args.output_dir:
-        recipe = recipe.model_copy(update={"output_dir": args.output_dir})
-    if args.gpus > 1 and distributed.world_size() == 1:
-        return launch_workers(args, recipe)
-    run(recipe, Path(recipe.output_dir), args.overwrite, args.resume, args.strategy)
+    run_dir = files.expand(args.output_dir or recipe.output_dir)
+    recipe = recipe.model_copy(update={"output_dir": str(run_dir)})
+    prepared = prepare(recipe)  # recipe, data and targets fail here, before the run directory is touched
+    if distributed.world_size() > 1:  # a worker started by launch_workers, which holds the run directory
+        resume_from = runs.resumable_checkpoint(run_dir)[0] if args.resume else None
+        train_and_save(prepared, run_dir, resume_from, args.strategy)
+        return 0
+    show_plan(prepared)
+    with runs.claimed_run_dir(run_dir, args.overwrite, args.resume) as claim:
+        if claim.finished:
+            console.print(f"{escape(str(run_dir))} is a finished run; --resume only continues an interrupted one, "
+                          "so nothing was trained (start a new run to train longer)", soft_wrap=True)
+            return 0
+        report_resume(claim)
+        if args.gpus > 1:
+            return launch_workers(args, recipe, run_dir, claim)
+        train_and_save(prepared, run_dir, claim.resume_from, args.strategy)
     return 0

@@ -143,6 +143,7 @@ def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_
         completion_only_loss=True,
         logging_steps=train.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must show in the log (toolkit.runs.FiniteGuard stops on it)
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
