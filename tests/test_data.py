@@ -8,7 +8,6 @@ import json
 from conftest import term_rows, tiny_recipe, write_jsonl
 from toolkit.cli import main
 from toolkit.data import parse_jsonl, percentiles, split_rows
-from toolkit.prepare import drop_too_long
 
 
 def test_every_problem_is_reported_with_its_line(tmp_path):
@@ -80,14 +79,43 @@ def test_hold_out_split_is_deterministic(tmp_path):
     assert {r.line for r in train_a}.isdisjoint(r.line for r in eval_a)
 
 
-def test_too_long_rows_are_dropped_and_lengths_summarised():
-    rows, lengths = drop_too_long(["a", "b", "c"], [10, 600, 20], limit=512)
-    assert rows == ["a", "c"] and lengths == [10, 20]
+def encode_term_rows(limit: int, too_long: str = "truncate"):
+    from toolkit import modeling
+    from toolkit.data import Row, encode_rows
+    from toolkit.recipe import DataSection
+
+    rows = [Row("t.jsonl", i + 1, fields) for i, fields in enumerate(term_rows())]
+    tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
+    return encode_rows(rows, DataSection(train="t.jsonl", too_long=too_long), tokenizer, limit)
+
+
+def test_rows_cut_by_the_limit_are_counted_and_rows_left_without_an_answer_dropped():
+    # The 12 rows are 52-61 tokens; answers start at token 41-42 for one wording and 45-46 for the other.
+    cut = encode_term_rows(limit=44)
+    assert (len(cut.rows), cut.truncated, cut.dropped_empty, cut.dropped_long) == (6, 6, 6, 0)
+    assert all(len(e.input_ids) == 44 and e.learned > 0 for e in cut.examples)
+    assert [r.line for r in cut.rows] == [1, 3, 5, 7, 9, 11]
+    dropped = encode_term_rows(limit=56, too_long="drop")
+    assert (len(dropped.rows), dropped.dropped_long, dropped.truncated) == (6, 6, 0)
+    assert all(len(e.input_ids) <= 56 for e in dropped.examples)
     assert percentiles([10, 20, 30, 40]) == {"p50": 20, "p90": 40, "p99": 40, "p100": 40}
 
 
-def test_validate_reports_rows_over_the_limit(tmp_path, tiny_data, capsys):
+def test_training_reports_the_rows_it_really_trained(tmp_path, tiny_data, capsys):
+    recipe = tiny_recipe(tmp_path, {"train": tiny_data["train"]},
+                         train={"max_seq_length": 44, "epochs": 1, "max_steps": None, "batch_size": 4})
+    run_dir = tmp_path / "run"
+    assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out.replace("\n", "")
+    assert "6 of 12" in out and "12 over 44, 6 cut to 44, 6 dropped (no answer token left after the cut)" in out
+    summary = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["summary"]
+    assert (summary["train_rows"], summary["train_rows_read"], summary["train_rows_cut"],
+            summary["train_rows_dropped"], summary["steps"]) == (6, 12, 6, 6, 2)
+
+
+def test_a_limit_that_leaves_no_row_is_an_error_before_training(tmp_path, tiny_data, capsys):
     recipe = tiny_recipe(tmp_path, tiny_data, train={"max_seq_length": 40})
-    code = main(["validate", str(recipe), "--set", "data.too_long=drop"])
-    out = capsys.readouterr().out
-    assert code == 2 and "every training row is longer than train.max_seq_length=40" in out
+    assert main(["validate", str(recipe)]) == 2
+    assert "data.train: all 12 rows were dropped by train.max_seq_length=40" in capsys.readouterr().out
+    assert main(["validate", str(recipe), "--set", "train.max_seq_length=1"]) == 2
+    assert "train.max_seq_length: Input should be greater than or equal to 8" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from conftest import TERMS, write_jsonl
 from toolkit import data, runs
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
-from toolkit.eval_cmd import eval_rows, glossary_for
+from toolkit.commands.eval import eval_rows, glossary_for
 
 FAST = ["--max-new-tokens", "32"]
 METRIC_KEYS = {"n_examples", "term_accuracy", "term_recall", "exact_match"}

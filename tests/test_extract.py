@@ -10,7 +10,7 @@ import torch
 
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
-from toolkit.extract import choose_format, mismatches, read_state_dict
+from toolkit.commands.extract import choose_format, mismatches, read_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +51,12 @@ def test_default_output_is_beside_the_run_never_inside(tiny_run, tmp_path):
 def test_existing_output_needs_overwrite_and_must_be_extracts_own(tiny_run, tmp_path, capsys):
     output = tmp_path / "adapter.safetensors"
     assert main(["extract", str(tiny_run), "--output", str(output)]) == 0
-    first = output.read_bytes()
+    inode = output.stat().st_ino
     assert main(["extract", str(tiny_run), "--output", str(output)]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().out
+    assert output.stat().st_ino == inode
     assert main(["extract", str(tiny_run), "--output", str(output), "--overwrite"]) == 0
-    assert output.read_bytes() == first
+    assert output.stat().st_ino != inode and read_state_dict(output, "safetensors")
     mine = tmp_path / "mine.pt"
     torch.save({"weights": torch.zeros(2)}, mine)  # a user's own file that happens to share the name
     assert main(["extract", str(tiny_run), "--output", str(mine), "--overwrite"]) == 2

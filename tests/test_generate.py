@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from toolkit.cli import main
-from toolkit.generate import prompt_ids, user_text
+from toolkit.commands.generate import prompt_ids, user_text
 
 PROMPT = "다음 건설 용어를 설명하세요.\\n\\n거푸집"  # as a shell passes it: a literal backslash-n
 

@@ -14,11 +14,11 @@ ROW = {"instruction": "다음 건설 용어를 설명하세요.", "input": "양�
 
 
 def prompt_logits(model, tokenizer, recipe) -> torch.Tensor:
-    from toolkit.data import prompt_text
+    from toolkit.data import prompt_ids
 
-    ids = tokenizer(prompt_text(ROW, recipe.data, tokenizer), add_special_tokens=False, return_tensors="pt")
+    ids = torch.tensor([prompt_ids(ROW, recipe.data, tokenizer)])
     with torch.no_grad():
-        return model(input_ids=ids["input_ids"]).logits.float()
+        return model(input_ids=ids).logits.float()
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_output_may_not_be_the_run(tiny_run):
 
 
 def test_adapter_traces_are_found(tmp_path):
-    from toolkit.merge import adapter_traces
+    from toolkit.commands.merge import adapter_traces
 
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"quantization_config": {}}}), encoding="utf-8")
     (tmp_path / "adapter_config.json").write_text("{}", encoding="utf-8")

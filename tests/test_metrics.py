@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from toolkit import terms
-from toolkit.eval_cmd import METRICS_DIR, load_metrics
+from toolkit.commands.eval import METRICS_DIR, load_metrics
 
 
 @pytest.fixture(scope="module")

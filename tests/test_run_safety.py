@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_recipe
-from toolkit import files, runs
+from toolkit import files, runs, trainer
 from toolkit.cli import main
 
 
@@ -96,7 +96,7 @@ def test_merge_overwrite_replaces_its_own_merged_model(tiny_run, tmp_path):
 
 def poison_after_step(step: int, monkeypatch):
     """Make one adapter weight NaN at the end of `step`, as a diverging optimizer step would."""
-    original = runs.RichProgressCallback.on_step_end
+    original = trainer.RichProgressCallback.on_step_end
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step == step:
@@ -105,7 +105,7 @@ def poison_after_step(step: int, monkeypatch):
                 param.view(-1)[0] = float("nan")
         return original(self, args, state, control, model=model, **kwargs)
 
-    monkeypatch.setattr(runs.RichProgressCallback, "on_step_end", on_step_end)
+    monkeypatch.setattr(trainer.RichProgressCallback, "on_step_end", on_step_end)
 
 
 def test_a_diverged_run_is_never_saved_as_finished(tmp_path, tiny_data, monkeypatch, capsys):
@@ -124,13 +124,13 @@ def test_a_diverged_run_is_never_saved_as_finished(tmp_path, tiny_data, monkeypa
 
 
 def test_a_nan_loss_stops_training(tmp_path):
-    guard = runs.FiniteGuard("bf16")
+    guard = trainer.FiniteGuard("bf16")
     control = type("Control", (), {"should_training_stop": False, "should_save": True})()
     state = type("State", (), {"global_step": 7})()
     guard.on_log(None, state, control, logs={"loss": float("nan"), "grad_norm": 1.0})
     assert guard.problem == "loss is nan at step 7"
     assert control.should_training_stop and not control.should_save
-    fp16 = runs.FiniteGuard("fp16")  # an inf gradient norm is the fp16 loss scaler skipping a step
+    fp16 = trainer.FiniteGuard("fp16")  # an inf gradient norm is the fp16 loss scaler skipping a step
     fp16.on_log(None, state, control, logs={"loss": 1.0, "grad_norm": float("inf")})
     assert fp16.problem is None
 
@@ -176,7 +176,7 @@ def test_every_reader_refuses_a_damaged_run_in_one_line(tiny_run, tmp_path, caps
 
 
 def test_merge_fails_closed_on_nan():
-    from toolkit.merge import passes, verdict
+    from toolkit.commands.merge import passes, verdict
 
     nan = float("nan")
     result = {"max_abs_delta": nan, "max_abs_logit": 3.0, "adapter_effect": 1.0}

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_recipe
-from toolkit import files, runs
+from toolkit import files, runs, trainer
 from toolkit.cli import main
 
 
@@ -100,7 +100,7 @@ def interrupt_after_checkpoint(step: int, monkeypatch):
             raise KeyboardInterrupt
         return control
 
-    monkeypatch.setattr(runs.RichProgressCallback, "on_save", on_save, raising=False)
+    monkeypatch.setattr(trainer.RichProgressCallback, "on_save", on_save, raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,12 @@
-"""Pure translators (recipe -> SFTConfig, LoraConfig, BitsAndBytesConfig) and LoRA placement on real names."""
+"""Pure translators: recipe -> SFTConfig and BitsAndBytesConfig, precision by device."""
 
 from __future__ import annotations
 
 import pytest
 
-from toolkit import modeling
 from toolkit.errors import ToolkitError
-from toolkit.recipe import LoraSection, QuantizationSection, TrainSection
-from toolkit.translate import (
-    Accelerator,
-    resolve_precision,
-    sft_kwargs,
-    to_bnb_config,
-    to_lora_config,
-    tower_of,
-)
+from toolkit.recipe import QuantizationSection, TrainSection
+from toolkit.translate import Accelerator, resolve_precision, to_bnb_config, to_sft_config
 
 CPU = Accelerator(cuda=False, bf16=False)
 H100 = Accelerator(cuda=True, bf16=True, name="NVIDIA H100")
@@ -43,48 +35,28 @@ def test_bitsandbytes_configs():
     assert str(four.bnb_4bit_compute_dtype) == "torch.bfloat16"
 
 
-def test_sft_config_uses_dynamic_padding_and_the_recipe_values():
-    train = TrainSection(batch_size=4, grad_accum=3, learning_rate=1e-3, max_seq_length=300, epochs=2)
-    kwargs = sft_kwargs(train, "bf16", H100, "out", has_eval=True, too_long="truncate")
-    assert kwargs["per_device_train_batch_size"] == 4 and kwargs["gradient_accumulation_steps"] == 3
-    assert kwargs["max_length"] == 300 and kwargs["bf16"] and not kwargs["fp16"]
-    assert kwargs["completion_only_loss"] is True
-    assert "padding" not in kwargs and kwargs["pad_to_multiple_of"] == 8  # pad per batch, never to max_length
-    assert kwargs["eval_strategy"] == "no"  # no eval_steps asked for
-    grouped = sft_kwargs(train.model_copy(update={"group_by_length": True}), "fp32", CPU, "o", False, "drop")
-    assert grouped["train_sampling_strategy"] == "sequential" and grouped["num_train_epochs"] == 1
-    assert grouped["max_length"] is None and grouped["use_cpu"]
+def test_sft_config_carries_the_recipe_values():
+    train = TrainSection(batch_size=4, grad_accum=3, learning_rate=1e-3, max_seq_length=300, epochs=2,
+                         warmup_ratio=0.25, lr_scheduler="cosine", seed=7, save_steps=50)
+    config = to_sft_config(train, "bf16", CPU, "out", has_eval=True)  # SFTConfig checks the real machine
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (4, 3)
+    assert config.learning_rate == 1e-3 and config.num_train_epochs == 2 and config.max_steps == -1
+    assert config.warmup_steps == 0.25 and config.lr_scheduler_type == "cosine"
+    assert config.seed == 7 and config.data_seed == 7 and config.save_steps == 50
+    assert config.bf16 and not config.fp16 and config.pad_to_multiple_of == 8
+    assert config.completion_only_loss is True and config.max_length is None  # rows arrive encoded and cut
+    assert config.logging_nan_inf_filter is False
+    assert config.eval_strategy == "no"  # no eval_steps asked for
+    assert config.report_to in ([], "none", ["none"])
 
 
-@pytest.fixture(scope="module")
-def tiny_meta_model():
-    return modeling.meta_model(modeling.load_config("builtin:tiny-mllama"))
+def test_warmup_reaches_the_trainers_schedule():
+    """0.25 of 8 steps is 2 warmup steps: the learning rate climbs from 0 over the first two steps."""
+    train = TrainSection(max_steps=8, warmup_ratio=0.25, lr_scheduler="constant_with_warmup")
+    config = to_sft_config(train, "fp32", CPU, "o", has_eval=False)
+    assert config.get_warmup_steps(8) == 2
 
 
-def placement(model, **lora):
-    section = LoraSection(**lora)
-    return modeling.check_lora_targets(model, section, to_lora_config(section))
-
-
-def test_default_scope_is_the_language_model_only(tiny_meta_model):
-    matched = placement(tiny_meta_model)
-    assert matched and all(tower_of(m) in ("self-attention", "cross-attention") for m in matched)
-    assert len(matched) == 16  # q,k,v,o in 4 text layers (3 self-attention, 1 cross-attention)
-    assert not any("vision" in m for m in matched)
-
-
-def test_scope_all_reaches_the_vision_tower(tiny_meta_model):
-    matched = placement(tiny_meta_model, scope="all")
-    assert any(tower_of(m) == "vision" for m in matched) and len(matched) > 16
-
-
-def test_a_regex_into_the_vision_tower_is_refused_unless_asked(tiny_meta_model):
-    regex = r".*\.(q_proj|v_proj)"
-    with pytest.raises(ToolkitError, match="outside lora.scope='language'"):
-        placement(tiny_meta_model, targets=regex)
-    assert placement(tiny_meta_model, targets=regex, scope="all")
-
-
-def test_targets_that_match_nothing_are_an_error(tiny_meta_model):
-    with pytest.raises(ToolkitError, match="match no linear or embedding module"):
-        placement(tiny_meta_model, targets=["qkv_proj"])
+def test_grouped_rows_are_read_in_order_once():
+    grouped = to_sft_config(TrainSection(group_by_length=True, epochs=3), "fp32", CPU, "o", has_eval=False)
+    assert grouped.train_sampling_strategy == "sequential" and grouped.num_train_epochs == 1 and grouped.use_cpu

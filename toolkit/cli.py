@@ -18,16 +18,6 @@ COMMANDS = {
 }
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts (--limit, --batch-size, ...): a clear message instead of a silent zero."""
-    import argparse
-
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
-    return value
-
-
 def usage() -> str:
     lines = ["usage: toolkit COMMAND [options]   (toolkit COMMAND --help for a command's options)", "", "commands:"]
     lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
@@ -70,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         quiet_libraries()
-        module = importlib.import_module(f"toolkit.{'eval_cmd' if name == 'eval' else name}")
+        module = importlib.import_module(f"toolkit.commands.{name}")
         return module.main(argv[1:])
     except ToolkitError as err:
         console.print(f"[bold red]error:[/] {err}", soft_wrap=True)

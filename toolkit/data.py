@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from toolkit import encode
 from toolkit.errors import ToolkitError
 from toolkit.formatters import FORMATTERS, OPTIONAL_TEXT_FIELDS, REQUIRED_FIELDS
 
@@ -136,26 +137,68 @@ def split_rows(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], 
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def to_conversation(row: Row, data_section) -> dict:
-    """A row in TRL's conversational prompt-completion form, with the template's date pinned."""
-    example = FORMATTERS[data_section.formatter](row.fields, data_section.system_prompt)
-    example["chat_template_kwargs"] = {"date_string": data_section.date_string}
-    return example
+def conversation(fields: dict, data_section) -> list[dict]:
+    """A row as the formatter turns it into messages (the answer last)."""
+    return FORMATTERS[data_section.formatter](fields, data_section.system_prompt)
 
 
-def render_text(example: dict, tokenizer) -> str:
-    """The exact training text for one example (prompt + completion), for lengths, previews and tests."""
-    return tokenizer.apply_chat_template(
-        example["prompt"] + example["completion"], tokenize=False, **example["chat_template_kwargs"]
-    )
+def prompt_messages(fields: dict, data_section) -> list[dict]:
+    """The conversation up to where the assistant's (last) answer starts, for generation."""
+    messages = conversation(fields, data_section)
+    return messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
 
 
-def token_lengths(rows: list[Row], data_section, tokenizer) -> list[int]:
-    if not rows:
-        return []
-    texts = [render_text(to_conversation(r, data_section), tokenizer) for r in rows]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [len(ids) for ids in encoded]
+def prompt_ids(fields: dict, data_section, tokenizer) -> list[int]:
+    """The prompt's token ids exactly as training encoded that part of the row, ending at the answer's start."""
+    return encode.encode_prompt(prompt_messages(fields, data_section), tokenizer, data_section.date_string)
+
+
+def question_ids(text: str, data_section, tokenizer) -> list[int]:
+    """A free question (toolkit generate) as one user turn, with the recipe's system prompt and pinned date."""
+    messages = [{"role": "system", "content": data_section.system_prompt}] if data_section.system_prompt else []
+    messages.append({"role": "user", "content": text})
+    return encode.encode_prompt(messages, tokenizer, data_section.date_string)
+
+
+@dataclass
+class Encoding:
+    """Rows encoded for training, and what length limits did to them (reported, never silent)."""
+
+    rows: list[Row] = field(default_factory=list)
+    examples: list[encode.Encoded] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # before any cut, for the length report
+    truncated: int = 0  # cut to the limit, some answer left
+    dropped_long: int = 0  # over the limit with data.too_long=drop
+    dropped_empty: int = 0  # truncation would have left no answer token
+    special_text: list[str] = field(default_factory=list)  # file:line of rows holding special-token text
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_long + self.dropped_empty
+
+
+def encode_rows(rows: list[Row], data_section, tokenizer, limit: int) -> Encoding:
+    """Encode every row; cut or drop rows over `limit` tokens as data.too_long says, counting each case."""
+    result = Encoding()
+    specials = encode.special_token_texts(tokenizer)
+    for row in rows:
+        messages = conversation(row.fields, data_section)
+        if encode.special_text_in(messages, specials):
+            result.special_text.append(f"{row.source}:{row.line}")
+        encoded = encode.encode_conversation(messages, tokenizer, data_section.date_string, data_section.train_on)
+        result.lengths.append(len(encoded.input_ids))
+        if len(encoded.input_ids) > limit:
+            if data_section.too_long == "drop":
+                result.dropped_long += 1
+                continue
+            encoded = encode.truncate(encoded, limit)
+            if encoded is None:
+                result.dropped_empty += 1
+                continue
+            result.truncated += 1
+        result.rows.append(row)
+        result.examples.append(encoded)
+    return result
 
 
 def percentiles(values: list[int], points=(50, 90, 99, 100)) -> dict[str, int]:
@@ -163,20 +206,14 @@ def percentiles(values: list[int], points=(50, 90, 99, 100)) -> dict[str, int]:
     return {f"p{p}": ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))] for p in points}
 
 
-def to_dataset(rows: list[Row], data_section):
+def to_dataset(examples: list[encode.Encoded]):
+    """Pre-tokenized rows in the columns TRL reads as they are (`input_ids`, `completion_mask`)."""
     from datasets import Dataset
 
-    return Dataset.from_list([to_conversation(r, data_section) for r in rows])
+    return Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
+                              "completion_mask": [e.completion_mask for e in examples]})
 
 
 def read_glossary(path: str) -> list[str]:
     lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     return [t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")]
-
-
-def prompt_text(fields: dict, data_section, tokenizer) -> str:
-    """The prompt exactly as training formatted it, ending where the assistant's answer starts (for generation)."""
-    example = FORMATTERS[data_section.formatter](fields, data_section.system_prompt)
-    return tokenizer.apply_chat_template(
-        example["prompt"], tokenize=False, add_generation_prompt=True, date_string=data_section.date_string
-    )

@@ -1,7 +1,8 @@
-"""Formatters turn one data row into a prompt/completion conversation. Plain functions in a dict; add one here.
+"""Formatters turn one data row into a conversation: a list of `{"role", "content"}` messages in the order the chat
+template renders them. Plain functions in a dict; add one here with the fields it needs.
 
-Each returns `{"prompt": [messages...], "completion": [assistant message]}`, TRL's conversational
-prompt-completion form, so TRL masks the loss to the completion (assistant content and its end-of-turn token).
+The last message is the assistant's answer; for generation (eval, generate, merge's check) a formatter is called on
+a row without an answer and the conversation up to that answer is used as the prompt.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ def user_text_alpaca(row: dict) -> str:
     return f"{instruction}\n\n{extra}" if extra else instruction
 
 
-def alpaca(row: dict, system_prompt: str | None = None) -> dict:
-    prompt = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    prompt.append({"role": "user", "content": user_text_alpaca(row)})
-    answer = (row.get("output") or "").strip()  # absent when only a prompt is wanted (generation)
-    return {"prompt": prompt, "completion": [{"role": "assistant", "content": answer}]}
+def alpaca(row: dict, system_prompt: str | None = None) -> list[dict]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": user_text_alpaca(row)})
+    messages.append({"role": "assistant", "content": (row.get("output") or "").strip()})
+    return messages
 
 
 FORMATTERS = {"alpaca": alpaca}

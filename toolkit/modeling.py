@@ -1,17 +1,19 @@
-"""Loading models, tokenizers and processors the way a user's checkpoint is loaded, with one-line errors."""
+"""Loading models, tokenizers and processors the way a user's checkpoint is loaded, with one-line errors.
+
+Only loading lives here: what LoRA wraps is `toolkit.lora`, how a trainer is built is `toolkit.trainer`.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
-from collections import Counter
 from pathlib import Path
 from urllib.parse import urlparse
 
 from toolkit import builtin
 from toolkit.errors import ToolkitError
-from toolkit.translate import Accelerator, base_dtype, scope_violations, to_bnb_config, tower_of
+from toolkit.translate import Accelerator, base_dtype, to_bnb_config
 
 QUICKSTART_HINT = "to try the toolkit offline, run: toolkit sft recipes/quickstart.yaml"
 
@@ -31,7 +33,9 @@ def model_location(name: str) -> str:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick connection attempt, so an offline machine gets an answer in seconds instead of retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    from huggingface_hub import is_offline_mode
+
+    if is_offline_mode():
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
@@ -144,72 +148,3 @@ def meta_model(config):
 
     with torch.device("meta"):
         return model_class(config).from_config(config)
-
-
-def match_targets(model, lora_config) -> list[str]:
-    """Module names PEFT would wrap (linear and embedding layers), using PEFT's own matching rule."""
-    import torch
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    names = []
-    for name, module in model.named_modules():
-        adaptable = isinstance(module, (torch.nn.Linear, torch.nn.Embedding))
-        if adaptable or type(module).__name__ in ("Linear8bitLt", "Linear4bit"):
-            if check_target_module_exists(lora_config, name):
-                names.append(name)
-    return names
-
-
-def check_lora_targets(model, lora_section, lora_config) -> list[str]:
-    """Resolve targets on the real module names; refuse no match and matches outside the recipe's scope."""
-    matched = match_targets(model, lora_config)
-    if not matched:
-        raise ToolkitError(
-            f"lora.targets {lora_section.targets!r} match no linear or embedding module of this model; "
-            "typical Llama names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
-        )
-    outside = scope_violations(matched, lora_section.scope)
-    if outside:
-        raise ToolkitError(
-            f"lora.targets reach {len(outside)} module(s) outside lora.scope={lora_section.scope!r} "
-            f"(e.g. {outside[0]}); set lora.scope: all if you mean it, or narrow the regex"
-        )
-    return matched
-
-
-def trainable_by_tower(model) -> Counter:
-    """Trainable parameter counts per tower (language self-attention, cross-attention, MLP, vision)."""
-    counts: Counter = Counter()
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            counts[tower_of(name)] += param.numel()
-    return counts
-
-
-def adapters_for_mixed_precision(model, precision: str, upcast_inputs: bool = False) -> None:
-    """Keep LoRA weights in fp32 and let autocast run their matmuls in bf16/fp16.
-
-    PEFT upcasts every adapted layer's input to the adapter's dtype: under bf16 that is an fp32 copy of each
-    input, kept for backward (the largest avoidable cost of bf16 LoRA). TRL instead casts quantized models'
-    adapters to bf16, which fp16's GradScaler cannot unscale. fp32 master weights + no input upcast avoids both.
-    Only for training: outside autocast, fp32 adapters need the upcast again (a fresh load has it).
-    """
-    import torch
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    if precision not in ("bf16", "fp16"):
-        return
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = upcast_inputs
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends an answer: the generation config's eos ids (end_of_text, eom, eot) and the tokenizer's."""
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
-    ids += [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")]
-    return list(dict.fromkeys(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id))

@@ -1,17 +1,20 @@
-"""Everything that can be checked before a model's weights load: recipe, data, lengths, LoRA targets.
+"""Everything that can be checked before a model's weights load: recipe, data, encoding, lengths, LoRA targets.
 
 `toolkit validate` runs exactly this; `toolkit sft` runs it first, so a bad recipe or file fails in seconds and
-leaves no run directory behind.
+leaves no run directory behind. The rows are encoded here once (`toolkit.encode`), and training uses these very
+ids and masks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from toolkit import data, modeling
+from rich.markup import escape
+
+from toolkit import data, lora, modeling
 from toolkit.errors import ToolkitError
-from toolkit.report import show
-from toolkit.translate import Accelerator, resolve_precision, to_lora_config
+from toolkit.report import console, show
+from toolkit.translate import Accelerator, resolve_precision
 
 
 @dataclass
@@ -21,18 +24,22 @@ class Prepared:
     precision: str
     tokenizer: object
     model_config: object
-    lora_config: object
-    train_rows: list
-    eval_rows: list
-    lengths: list[int]
-    too_long: int
-    dropped: int = 0
+    train: data.Encoding
+    eval: data.Encoding
     lora_modules: list[str] = field(default_factory=list)
 
+    @property
+    def train_rows(self) -> list:
+        return self.train.rows
 
-def drop_too_long(rows: list, lengths: list[int], limit: int) -> tuple[list, list[int]]:
-    kept = [(r, n) for r, n in zip(rows, lengths) if n <= limit]
-    return [r for r, _ in kept], [n for _, n in kept]
+    @property
+    def eval_rows(self) -> list:
+        return self.eval.rows
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token counts of the training rows as trained (after any cut), in row order."""
+        return [len(e.input_ids) for e in self.train.examples]
 
 
 def check_kernels(train, device: Accelerator) -> None:
@@ -46,7 +53,13 @@ def check_kernels(train, device: Accelerator) -> None:
         raise ToolkitError("train.liger_kernel=true needs liger-kernel: pip install 'toolkit[gpu]'")
 
 
-def prepare(recipe, device: Accelerator | None = None, check_modules: bool = True) -> Prepared:
+def check_rows_left(encoding: data.Encoding, limit: int, key: str) -> None:
+    if not encoding.rows and encoding.dropped:
+        raise ToolkitError(f"{key}: all {encoding.dropped} rows were dropped by train.max_seq_length={limit} "
+                           f"(data.too_long); raise the limit or shorten the rows")
+
+
+def prepare(recipe, device: Accelerator | None = None) -> Prepared:
     device = device or modeling.detect_accelerator()
     precision = resolve_precision(recipe.train.precision, device)
     check_kernels(recipe.train, device)
@@ -54,45 +67,48 @@ def prepare(recipe, device: Accelerator | None = None, check_modules: bool = Tru
     model_config = modeling.load_config(recipe.model.name, recipe.model.revision)
     tokenizer = modeling.load_tokenizer(recipe.model.name, recipe.model.revision)
     limit = recipe.train.max_seq_length
-    lengths = data.token_lengths(train_rows, recipe.data, tokenizer)
-    eval_lengths = data.token_lengths(eval_rows, recipe.data, tokenizer)
-    too_long = sum(n > limit for n in lengths + eval_lengths)
-    dropped = 0
-    if recipe.data.too_long == "drop" and too_long:
-        before = len(train_rows) + len(eval_rows)
-        train_rows, lengths = drop_too_long(train_rows, lengths, limit)
-        eval_rows, _ = drop_too_long(eval_rows, eval_lengths, limit)
-        dropped = before - len(train_rows) - len(eval_rows)
-        if not train_rows:
-            raise ToolkitError(f"every training row is longer than train.max_seq_length={limit}; raise it")
-    lora_config = to_lora_config(recipe.lora)
-    prepared = Prepared(
-        recipe, device, precision, tokenizer, model_config, lora_config, train_rows, eval_rows, lengths, too_long, dropped
-    )
-    if check_modules:
-        prepared.lora_modules = modeling.check_lora_targets(
-            modeling.meta_model(model_config), recipe.lora, lora_config
-        )
+    train = data.encode_rows(train_rows, recipe.data, tokenizer, limit)
+    check_rows_left(train, limit, "data.train")
+    evals = data.encode_rows(eval_rows, recipe.data, tokenizer, limit)
+    prepared = Prepared(recipe, device, precision, tokenizer, model_config, train, evals)
+    prepared.lora_modules = lora.resolve_targets(modeling.meta_model(model_config), recipe.lora)
     return prepared
+
+
+def length_note(encoding: data.Encoding, limit: int) -> str:
+    over = sum(n > limit for n in encoding.lengths)
+    parts = [f"{over} over {limit}"]
+    if encoding.truncated:
+        parts.append(f"{encoding.truncated} cut to {limit}")
+    if encoding.dropped_long:
+        parts.append(f"{encoding.dropped_long} dropped")
+    if encoding.dropped_empty:
+        parts.append(f"{encoding.dropped_empty} dropped (no answer token left after the cut)")
+    return ", ".join(parts)
 
 
 def show_plan(p: Prepared) -> None:
     r = p.recipe
-    stats = data.percentiles(p.lengths)
     limit = r.train.max_seq_length
-    long_note = f"{p.too_long} over {limit}" + (f", dropped {p.dropped}" if p.dropped else (", truncated" if p.too_long else ""))
+    stats = data.percentiles(p.train.lengths)
     rows = [
         ["model", r.model.name],
         ["device", f"{p.device.name} ({p.precision})"],
         ["quantization", r.quantization.mode],
         ["LoRA", f"r={r.lora.r} alpha={r.lora.alpha:g} dropout={r.lora.dropout:g} scope={r.lora.scope}"],
-        ["LoRA modules", str(len(p.lora_modules)) if p.lora_modules else "checked at load"],
-        ["train rows", len(p.train_rows)],
-        ["eval rows", len(p.eval_rows)],
+        ["LoRA modules", str(len(p.lora_modules))],
+        ["train rows", f"{len(p.train.rows)} of {len(p.train.lengths)}"],
+        ["eval rows", f"{len(p.eval.rows)} of {len(p.eval.lengths)}"],
         ["tokens/row p50 p90 p99 max", " ".join(str(v) for v in stats.values())],
-        ["rows too long", long_note],
+        ["train rows too long", length_note(p.train, limit)],
         ["batch", f"{r.train.batch_size} x {r.train.grad_accum} accumulation"],
         ["output", r.output_dir],
     ]
+    if p.eval.lengths:
+        rows.insert(9, ["eval rows too long", length_note(p.eval, limit)])
     show("Plan", ["setting", "value"], rows)
-
+    special = p.train.special_text + p.eval.special_text
+    if special:
+        console.print(f"[yellow]note:[/] {len(special)} row(s) contain special-token text such as <|eot_id|> "
+                      f"(first: {escape(special[0])}); it is trained as plain text, never as the token itself",
+                      soft_wrap=True)

@@ -82,7 +82,13 @@ class DataSection(Section):
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Hold out this share of train when eval is not given.")
     formatter: str = Field("alpaca", description="How a row becomes a conversation.")
     system_prompt: str | None = Field(None, description="System message for every row (text-only rows).")
-    too_long: Literal["truncate", "drop"] = Field("truncate", description="Rows longer than train.max_seq_length.")
+    too_long: Literal["truncate", "drop"] = Field(
+        "truncate", description="Rows longer than train.max_seq_length: cut them (a row left with no answer token "
+        "is dropped) or drop them; both are counted and reported."
+    )
+    train_on: Literal["all", "last"] = Field(
+        "all", description="Which assistant turns of a multi-turn row the loss covers: every one, or the last."
+    )
     glossary: str | None = Field(None, description="Term list (one per line) for eval when rows carry no terms.")
     date_string: str = Field("26 Jul 2024", description="Date the chat template stamps in; pinned so text is stable.")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 def _main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
@@ -19,11 +20,12 @@ console = Console(highlight=False, quiet=not _main_process())  # one voice when 
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> Table:
-    out = Table(title=title, title_justify="left")
+    """A rich table whose cells are plain text: a path or data text holding `[bold]` is shown, never interpreted."""
+    out = Table(title=Text(title), title_justify="left")
     for i, name in enumerate(columns):
-        out.add_column(name, justify="left" if i == 0 else "right")
+        out.add_column(Text(name), justify="left" if i == 0 else "right")
     for row in rows:
-        out.add_row(*[format_cell(v) for v in row])
+        out.add_row(*[Text(format_cell(v)) for v in row])
     return out
 
 

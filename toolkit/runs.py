@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import TrainerCallback
-
 from toolkit import builtin, files, modeling
 from toolkit.errors import ToolkitError
 from toolkit.recipe import RECIPE_FILE, load_recipe, save_recipe
-from toolkit.report import progress_bar, write_json
+from toolkit.report import write_json
 
 METRICS_FILE = "metrics.json"
 LOSS_PLOT = "loss.png"
@@ -171,35 +168,6 @@ def finish_run(run_dir: Path) -> None:
     files.write_marker(run_dir, KIND, complete=True)
 
 
-class RichProgressCallback(TrainerCallback):
-    """A rich progress bar over optimizer steps, showing the latest loss; only the main process draws it."""
-
-    def __init__(self):
-        self.progress = None
-        self.task = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.progress = progress_bar()
-            self.task = self.progress.add_task("training", total=state.max_steps, status="", completed=state.global_step)
-            self.progress.start()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.progress:
-            self.progress.update(self.task, completed=state.global_step)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.progress and logs:
-            parts = [f"{k} {logs[k]:.4f}" for k in ("loss", "eval_loss") if k in logs]
-            if parts:
-                self.progress.update(self.task, status=" ".join(parts))
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.progress:
-            self.progress.stop()
-            self.progress = None
-
-
 def loss_points(log_history: list[dict], key: str = "loss") -> list[tuple[int, float]]:
     return [(entry["step"], entry[key]) for entry in log_history if key in entry]
 
@@ -235,8 +203,11 @@ def run_summary(trainer, prepared, result, seconds: float) -> dict:
         "precision": prepared.precision,
         "device": prepared.device.name,
         "quantization": prepared.recipe.quantization.mode,
-        "train_rows": len(prepared.train_rows),
-        "eval_rows": len(prepared.eval_rows),
+        "train_rows": len(prepared.train.rows),
+        "train_rows_read": len(prepared.train.lengths),
+        "train_rows_cut": prepared.train.truncated,
+        "train_rows_dropped": prepared.train.dropped,
+        "eval_rows": len(prepared.eval.rows),
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0, 3),
         "first_loss": losses[0][1] if losses else None,
@@ -260,7 +231,8 @@ def run_card(prepared, summary: dict, run_dir: Path) -> str:
         f"Base model: `{r.model.name}`, quantization `{r.quantization.mode}`, precision `{prepared.precision}`.",
         f"LoRA r={r.lora.r}, alpha={r.lora.alpha:g}, dropout={r.lora.dropout:g}, "
         f"{summary['lora_modules']} modules ({r.lora.scope} scope), {summary['trainable_params']:,} trainable parameters.",
-        f"Data: `{r.data.train}` ({summary['train_rows']} rows), formatter `{r.data.formatter}`; "
+        f"Data: `{r.data.train}` ({summary['train_rows']} of {summary['train_rows_read']} rows trained, "
+        f"{summary['train_rows_cut']} cut to {r.train.max_seq_length} tokens), formatter `{r.data.formatter}`; "
         f"eval rows: {summary['eval_rows']}.",
         f"Trained {summary['steps']} steps ({summary['epochs']} epochs) in {summary['seconds']} s; "
         f"loss {summary['first_loss']} -> {summary['last_loss']}.",
@@ -275,52 +247,6 @@ def run_card(prepared, summary: dict, run_dir: Path) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-class FiniteGuard(TrainerCallback):
-    """Stops training at the first NaN or inf in the logged loss, the gradient norm or the adapter weights.
-
-    A diverged run must never be saved as a finished one. The adapter is checked whenever the Trainer is about to
-    log or checkpoint (one device sync then, none on other steps), so no checkpoint holding NaN is written. The
-    loss is logged unfiltered (`logging_nan_inf_filter=False`), so a NaN on any step shows in the next log. Under
-    fp16 an infinite gradient norm is the loss scaler's normal overflow signal (that step is skipped), not a failure.
-    """
-
-    def __init__(self, precision: str):
-        self.check_grad_norm = precision != "fp16"
-        self.problem: str | None = None
-
-    def stop(self, control, problem: str):
-        self.problem = self.problem or problem
-        control.should_training_stop = True
-        control.should_save = False
-        return control
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is not None and (control.should_save or control.should_log or control.should_training_stop):
-            bad = first_non_finite(model)
-            if bad:
-                return self.stop(control, f"adapter weight {bad} is NaN or inf after step {state.global_step}")
-        return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        keys = ("loss", "eval_loss") + (("grad_norm",) if self.check_grad_norm else ())
-        for key in keys:
-            value = (logs or {}).get(key)
-            if isinstance(value, (int, float)) and not math.isfinite(value):
-                return self.stop(control, f"{key} is {value} at step {state.global_step}")
-        return control
-
-
-def first_non_finite(model) -> str | None:
-    """The name of the first trainable tensor holding NaN or inf, or None."""
-    import torch
-
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not trainable:
-        return None
-    flags = torch.stack([p.detach().isfinite().all() for _, p in trainable]).cpu()  # one sync for all of them
-    return next((name for (name, _), ok in zip(trainable, flags.tolist()) if not ok), None)
 
 
 def save_run(trainer, prepared, run_dir: Path, result, seconds: float) -> dict:

@@ -1,4 +1,5 @@
-"""Pure translators from recipe sections to the configs TRL, PEFT and transformers already understand.
+"""Pure translators from recipe sections to the configs TRL and transformers already understand (the LoRA config is
+`toolkit.lora.to_lora_config`, beside the rest of the LoRA logic).
 
 No I/O and no model here: each function maps values to values, so each is tested directly.
 """
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 from toolkit.distributed import per_process_batch, strategy_kwargs
 from toolkit.errors import ToolkitError
 
-VISION_MARKERS = ("vision_model", "multi_modal_projector")
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -64,61 +64,11 @@ def to_bnb_config(quantization, precision: str):
     )
 
 
-def target_pattern(lora) -> str | list[str]:
-    """LoRA targets as PEFT reads them. A list is confined to the recipe's scope by a regex over module paths;
-    a regex string is the user's own and is checked against the real module names instead (see `lora_placement`)."""
-    if isinstance(lora.targets, str):
-        return lora.targets
-    names = "|".join(sorted(set(lora.targets)))
-    towers = "|".join(VISION_MARKERS)
-    if lora.scope == "language":
-        return rf"^(?!.*(?:{towers})).*\.(?:{names})$"
-    if lora.scope == "vision":
-        return rf"^.*(?:{towers}).*\.(?:{names})$"
-    return sorted(set(lora.targets))
-
-
-def to_lora_config(lora):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=target_pattern(lora),
-        bias=lora.bias,
-        task_type="CAUSAL_LM",
-    )
-
-
-def tower_of(module_name: str) -> str:
-    """Which part of the model a module belongs to, for placement reports and scope checks."""
-    if any(marker in module_name for marker in VISION_MARKERS):
-        return "vision"
-    if "embed_tokens" in module_name:
-        return "embedding"
-    if "cross_attn" in module_name:
-        return "cross-attention"
-    if "self_attn" in module_name:
-        return "self-attention"
-    if ".mlp." in module_name or module_name.endswith(".mlp"):
-        return "mlp"
-    return "other"
-
-
-def scope_violations(matched: list[str], scope: str) -> list[str]:
-    """Matched modules outside the scope the recipe asked for."""
-    if scope == "all":
-        return []
-    if scope == "language":
-        return [m for m in matched if tower_of(m) == "vision"]
-    return [m for m in matched if tower_of(m) != "vision"]
-
-
-def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_eval: bool, too_long: str,
+def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_eval: bool,
                processes: int = 1, strategy: str = "ddp") -> dict:
     """SFTConfig's arguments for this recipe, as a plain dict (see `to_sft_config`). With several processes the
-    recipe's global batch (batch_size x grad_accum) is kept: each process gets its share."""
+    recipe's global batch (batch_size x grad_accum) is kept: each process gets its share. Rows reach TRL already
+    tokenized, truncated and masked (`toolkit.encode`), so TRL neither truncates nor re-tokenizes them."""
     batch_size, grad_accum = per_process_batch(train.batch_size, train.grad_accum, processes)
     kwargs = dict(
         output_dir=output_dir,
@@ -139,11 +89,11 @@ def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_
         fp16=precision == "fp16",
         use_cpu=not device.cuda,
         gradient_checkpointing=train.gradient_checkpointing,
-        max_length=train.max_seq_length if too_long == "truncate" else None,
+        max_length=None,
         completion_only_loss=True,
         logging_steps=train.logging_steps,
         logging_first_step=True,
-        logging_nan_inf_filter=False,  # a NaN loss must show in the log (toolkit.runs.FiniteGuard stops on it)
+        logging_nan_inf_filter=False,  # a NaN loss must show in the log (toolkit.trainer.FiniteGuard stops on it)
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
@@ -163,14 +113,14 @@ def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_
     return kwargs
 
 
-def to_sft_config(train, precision: str, device: Accelerator, output_dir: str, has_eval: bool, too_long: str,
-                  processes: int = 1, strategy: str = "ddp"):
+def to_sft_config(train, precision: str, device: Accelerator, output_dir: str, has_eval: bool,
+                  processes: int = 1, strategy: str = "ddp", **overrides):
+    """The SFTConfig for this recipe; `overrides` replace single arguments (bench turns checkpoints off)."""
     from trl import SFTConfig
 
-    kwargs = sft_kwargs(train, precision, device, output_dir, has_eval, too_long, processes, strategy)
+    kwargs = {**sft_kwargs(train, precision, device, output_dir, has_eval, processes, strategy), **overrides}
     known = {f.name for f in dataclasses.fields(SFTConfig)}
     if "train_sampling_strategy" in kwargs and "train_sampling_strategy" not in known:
         kwargs.pop("train_sampling_strategy")  # older transformers: fall back to its own (coarser) length grouping
         kwargs["group_by_length"] = True
     return SFTConfig(**kwargs)
-

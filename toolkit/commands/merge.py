@@ -97,8 +97,9 @@ def verify_rows(recipe) -> list[dict]:
 
 def encode_prompts(rows: list[dict], recipe, tokenizer) -> list:
     """Token ids of each prompt as training rendered it; one tensor per prompt, so no padding enters the logits."""
-    texts = [data.prompt_text(fields, recipe.data, tokenizer) for fields in rows]
-    return [tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"] for text in texts]
+    import torch
+
+    return [torch.tensor([data.prompt_ids(fields, recipe.data, tokenizer)]) for fields in rows]
 
 
 def logits(model, prompts: list) -> list:

@@ -11,10 +11,10 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from toolkit import data, modeling, runs
+from toolkit import data, generation, runs
 from toolkit.errors import ToolkitError
 from toolkit.report import console
-from toolkit.cli import positive_int
+from toolkit.commands.common import positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,9 +36,12 @@ def user_text(prompt: str) -> str:
 
 
 def prompt_ids(text: str, recipe, tokenizer):
-    """The prompt as a training row `{"instruction": text, "input": ""}`; the template already holds the BOS token."""
-    rendered = data.prompt_text({"instruction": text, "input": ""}, recipe.data, tokenizer)
-    return tokenizer(rendered, add_special_tokens=False, return_tensors="pt")
+    """The question as one user turn, rendered as training rendered rows (system prompt, pinned date); the
+    template already holds the BOS token."""
+    import torch
+
+    ids = torch.tensor([data.question_ids(text, recipe.data, tokenizer)])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def generate(model, tokenizer, encoded, max_new_tokens: int, base: bool) -> int:
@@ -47,11 +50,12 @@ def generate(model, tokenizer, encoded, max_new_tokens: int, base: bool) -> int:
     from transformers import TextStreamer
 
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    encoded = encoded.to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    encoded = {key: value.to(device) for key, value in encoded.items()}
     with model.disable_adapter() if base else nullcontext(), torch.no_grad():
         output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                                 top_p=None, top_k=None, streamer=streamer, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=modeling.stop_token_ids(model, tokenizer))
+                                eos_token_id=generation.stop_token_ids(model, tokenizer))
     return output.shape[1] - encoded["input_ids"].shape[1]
 
 

@@ -8,82 +8,65 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from toolkit import distributed, files, modeling, runs
+from toolkit import data, distributed, files, lora, runs, trainer
 from toolkit.batching import length_grouped_order
+from toolkit.commands.common import add_recipe_arguments, positive_int
 from toolkit.errors import ToolkitError
 from toolkit.prepare import prepare, show_plan
 from toolkit.recipe import load_recipe
 from toolkit.report import console, show
-from toolkit.translate import to_sft_config
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toolkit sft", description="Fine-tune with LoRA as the recipe says.")
-    parser.add_argument("recipe", help="recipe YAML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. --set train.max_steps=5 (repeatable)")
+    add_recipe_arguments(parser)
     parser.add_argument("--output-dir", help="run directory (overrides output_dir)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    group.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
-    parser.add_argument("--gpus", type=int, default=1, metavar="N",
+    group.add_argument("--overwrite", action="store_true", help="replace an existing run directory the toolkit made")
+    group.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    parser.add_argument("--gpus", type=positive_int, default=1, metavar="N",
                         help="train data-parallel on N GPUs (N CPU processes where there is no GPU)")
     parser.add_argument("--strategy", choices=distributed.STRATEGIES, default="ddp",
                         help="with --gpus: ddp (replicas), fsdp or zero3 (sharded; zero3 needs deepspeed)")
     return parser
 
 
-def training_order(prepared) -> list:
-    """The rows in the order they are trained: as given (the Trainer shuffles), or grouped by length."""
-    rows, settings = prepared.train_rows, prepared.recipe.train
+def training_order(prepared) -> list[int]:
+    """Indices of the encoded rows in the order they are trained: as given (the Trainer shuffles), or grouped by
+    length into this process's micro-batches."""
+    settings = prepared.recipe.train
+    indices = list(range(len(prepared.train.examples)))
     if not settings.group_by_length:
-        return rows
+        return indices
     micro_batch, _ = distributed.per_process_batch(settings.batch_size, settings.grad_accum, distributed.world_size())
-    order = length_grouped_order(prepared.lengths, micro_batch, settings.epochs, settings.seed)
-    return [rows[i] for i in order]
+    return length_grouped_order(prepared.lengths, micro_batch, settings.epochs, settings.seed)
 
 
 def train(prepared, run_dir: Path, resume_from: Path | None, strategy: str = "ddp"):
-    from transformers.trainer_callback import PrinterCallback
-    from trl import SFTTrainer
-
-    from toolkit import data
-
     recipe = prepared.recipe
-    model = modeling.load_model(recipe, prepared.precision, prepared.device)
-    prepared.lora_modules = modeling.check_lora_targets(model, recipe.lora, prepared.lora_config)
-    train_set = data.to_dataset(training_order(prepared), recipe.data)
-    eval_set = data.to_dataset(prepared.eval_rows, recipe.data) if prepared.eval_rows else None
-    args = to_sft_config(
-        recipe.train, prepared.precision, prepared.device, str(run_dir), eval_set is not None, recipe.data.too_long,
-        distributed.world_size(), strategy,
+    examples = prepared.train.examples
+    train_set = data.to_dataset([examples[i] for i in training_order(prepared)])
+    eval_set = data.to_dataset(prepared.eval.examples) if prepared.eval.examples else None
+    guard = trainer.FiniteGuard(prepared.precision)
+    built, prepared.lora_modules = trainer.build_trainer(
+        recipe, precision=prepared.precision, device=prepared.device, tokenizer=prepared.tokenizer,
+        train_dataset=train_set, eval_dataset=eval_set, output_dir=str(run_dir), strategy=strategy,
+        callbacks=[trainer.RichProgressCallback(), guard],
     )
-    guard = runs.FiniteGuard(prepared.precision)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        processing_class=prepared.tokenizer,
-        peft_config=prepared.lora_config,
-        callbacks=[runs.RichProgressCallback(), guard],
-    )
-    trainer.remove_callback(PrinterCallback)  # the rich bar shows progress; raw log dicts would only add noise
-    modeling.adapters_for_mixed_precision(trainer.model, prepared.precision, recipe.lora.upcast_inputs)
-    show_placement(trainer.model)
+    show_placement(built.model)
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    result = trainer.run_training(built, recipe, prepared.precision, strategy, resume_from)
     if guard.problem:
         raise ToolkitError(f"training diverged: {guard.problem}; no finished run was written (checkpoints before "
                            f"that step are kept in {run_dir}). Lower train.learning_rate (now "
                            f"{recipe.train.learning_rate:g}) or check lora.alpha and the data")
-    return trainer, result, time.time() - started
+    return built, result, time.time() - started
 
 
 def show_placement(model) -> None:
-    counts = modeling.trainable_by_tower(model)
+    counts = lora.trainable_by_part(model)
     total = sum(p.numel() for p in model.parameters())
-    rows = [[tower, n] for tower, n in sorted(counts.items())]
+    rows = [[part, n] for part, n in sorted(counts.items())]
     rows.append(["all trainable", sum(counts.values())])
     rows.append(["share of model", f"{100 * sum(counts.values()) / max(total, 1):.3f}%"])
     show("Where the LoRA adapters sit (trainable parameters)", ["part", "params"], rows)
@@ -101,14 +84,14 @@ def report_resume(claim) -> None:
 
 
 def train_and_save(prepared, run_dir: Path, resume_from: Path | None, strategy: str) -> None:
-    trainer, result, seconds = train(prepared, run_dir, resume_from, strategy)
-    summary = runs.save_run(trainer, prepared, run_dir, result, seconds)
+    built, result, seconds = train(prepared, run_dir, resume_from, strategy)
+    summary = runs.save_run(built, prepared, run_dir, result, seconds)
     show("Training done", ["metric", "value"], [[k, v] for k, v in summary.items() if not isinstance(v, dict)])
     console.print(f"Adapter and run files in [bold]{escape(str(run_dir))}[/]. "
                   f"Next: toolkit eval {escape(str(run_dir))} --compare-base", soft_wrap=True)
 
 
-def launch_workers(args, recipe, run_dir: Path, claim) -> int:
+def launch_workers(args, run_dir: Path) -> int:
     """Start one training process per GPU under torch.distributed.run; this process keeps the run's lock."""
     worker = ["sft", args.recipe, *(f"--set={o}" for o in args.overrides), "--output-dir", str(run_dir),
               "--strategy", args.strategy, *(["--resume"] if args.resume else [])]
@@ -137,6 +120,6 @@ def main(argv: list[str]) -> int:
             return 0
         report_resume(claim)
         if args.gpus > 1:
-            return launch_workers(args, recipe, run_dir, claim)
+            return launch_workers(args, run_dir)
         train_and_save(prepared, run_dir, claim.resume_from, args.strategy)
     return 0

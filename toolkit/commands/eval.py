@@ -1,6 +1,6 @@
 """`toolkit eval RUN_DIR`: generate answers for held-out rows and measure whether they use the key terms.
 
-The prompt is exactly the training prompt (`data.prompt_text`), decoding is greedy, and the metrics are the local
+The prompt is exactly the training prompt (`data.prompt_ids`), decoding is greedy, and the metrics are the local
 `evaluate` scripts in `toolkit/metrics/` (term_accuracy, term_recall, exact_match; matching rule in
 `toolkit.terms`). `--compare-base` runs the same prompts through the same loaded model with the adapter switched
 off, so base and tuned differ only by the adapter.
@@ -12,12 +12,12 @@ import argparse
 import json
 from pathlib import Path
 
-from toolkit import data, files, modeling, runs, terms
+from toolkit import data, files, generation, runs, terms
 from toolkit.errors import ToolkitError
-from toolkit.report import console, progress_bar, show, write_json
-from toolkit.cli import positive_int
+from toolkit.report import console, show, write_json
+from toolkit.commands.common import positive_int
 
-METRICS_DIR = Path(__file__).parent / "metrics"
+METRICS_DIR = Path(__file__).resolve().parent.parent / "metrics"
 METRIC_NAMES = ("term_accuracy", "term_recall", "exact_match")
 EVAL_JSON = "eval.json"
 PREDICTIONS_FILE = "eval_predictions.jsonl"
@@ -77,36 +77,6 @@ def glossary_for(recipe, rows: list[data.Row]) -> list[str] | None:
     if problems:
         raise ToolkitError(problems[0])
     return data.read_glossary(path)
-
-
-def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
-                     label: str) -> list[str]:
-    """Greedy answers in the prompts' order; batches hold prompts of similar length so little is padding.
-
-    Left padding keeps every prompt's last token next to the first generated one, which batched decoding needs.
-    """
-    import torch
-
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    stop_ids = modeling.stop_token_ids(model, tokenizer)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    answers: list[str] = [""] * len(prompts)
-    with progress_bar() as progress:
-        task = progress.add_task(label, total=len(prompts), status="")
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(model.device)
-            with torch.inference_mode():
-                output = model.generate(**encoded, do_sample=False, max_new_tokens=max_new_tokens,
-                                        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-            new_tokens = output[:, encoded["input_ids"].shape[1] :]
-            for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                answers[i] = text.strip()
-            progress.update(task, advance=len(batch))
-    return answers
 
 
 def load_metrics() -> dict:
@@ -215,14 +185,14 @@ def main(argv: list[str]) -> int:
     metrics = load_metrics()
 
     model, tokenizer, recipe = runs.load_trained(run_dir, quantize=not args.no_quantize)
-    prompts = [data.prompt_text(row.fields, recipe.data, tokenizer) for row in rows]
+    prompts = [data.prompt_ids(row.fields, recipe.data, tokenizer) for row in rows]
     references = [row.fields["output"] for row in rows]
-    generation = (tokenizer, prompts, args.batch_size, args.max_new_tokens)
-    tuned_answers = generate_answers(model, *generation, label="tuned")
+    settings = (tokenizer, prompts, args.batch_size, args.max_new_tokens)
+    tuned_answers = generation.generate_answers(model, *settings, label="tuned")
     base_answers = None
     if args.compare_base:
         with model.disable_adapter():
-            base_answers = generate_answers(model, *generation, label="base")
+            base_answers = generation.generate_answers(model, *settings, label="base")
 
     summary = score(metrics, tuned_answers, references, key_terms)
     base = score(metrics, base_answers, references, key_terms) if base_answers is not None else None

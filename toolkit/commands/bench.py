@@ -13,19 +13,20 @@ import gc
 import json
 import random
 import statistics
+import tempfile
 import time
 from importlib import resources
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from toolkit import builtin, modeling
+from toolkit import builtin, modeling, trainer
 from toolkit.batching import length_grouped_order
 from toolkit.errors import ToolkitError
 from toolkit.prepare import check_kernels
 from toolkit.recipe import apply_overrides, read_yaml, recipe_from_dict
 from toolkit.report import console, show, write_json
-from toolkit.translate import resolve_precision, to_lora_config, to_sft_config
+from toolkit.translate import resolve_precision
 
 FULL_SIZE_CONFIG = "assets/llama-3.2-11b-vision-instruct.config.json"
 RANDOM_WEIGHTS_NAME = "random-llama-3.2-11b-vision"
@@ -244,47 +245,41 @@ def parse_setup(text: str) -> tuple[str, list[str]]:
 def measure(recipe, bench_opts: dict, lengths: list[int], steps: int, warmup: int) -> dict:
     """Train `warmup + steps` optimizer steps of this recipe on synthetic rows and measure them."""
     import torch
-    from transformers.trainer_callback import PrinterCallback
-    from trl import SFTTrainer
 
     device = modeling.detect_accelerator()
     precision = resolve_precision(recipe.train.precision, device)
     check_kernels(recipe.train, device)
-    config = modeling.load_config(recipe.model.name)
-    tokenizer = modeling.load_tokenizer(recipe.model.name)
-    model = modeling.load_model(recipe, precision, device)
-    lora = to_lora_config(recipe.lora)
-    modeling.check_lora_targets(model, recipe.lora, lora)
+    config = modeling.load_config(recipe.model.name, recipe.model.revision)
+    tokenizer = modeling.load_tokenizer(recipe.model.name, recipe.model.revision)
     per_step = recipe.train.batch_size * recipe.train.grad_accum
     lengths = lengths[: per_step * (steps + warmup)]
     if recipe.train.group_by_length:
         lengths = [lengths[i] for i in length_grouped_order(lengths, recipe.train.batch_size, 1, recipe.train.seed)]
     rows = synthetic_rows(lengths, min(len(tokenizer), 4000), recipe.train.seed)
     train = recipe.train.model_copy(update={"max_steps": steps + warmup, "logging_steps": 10**6})
-    args = to_sft_config(train, precision, device, "/tmp/toolkit-bench", False, recipe.data.too_long)
-    args.save_strategy = "no"
-    if bench_opts.get("pad_to"):
-        args.pad_to_multiple_of = bench_opts["pad_to"]
+    recipe = recipe.model_copy(update={"train": train})
     clock = StepClock()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=lora,
-                         callbacks=[clock])
-    trainer.remove_callback(PrinterCallback)
-    modeling.adapters_for_mixed_precision(trainer.model, precision, recipe.lora.upcast_inputs)
-    counter = CountingCollator(trainer.data_collator)
-    trainer.data_collator = counter
-    if device.cuda:
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    overrides = {"save_strategy": "no"}
+    if bench_opts.get("pad_to"):
+        overrides["pad_to_multiple_of"] = bench_opts["pad_to"]
+    with tempfile.TemporaryDirectory(prefix="toolkit-bench-") as scratch:
+        built, _ = trainer.build_trainer(recipe, precision=precision, device=device, tokenizer=tokenizer,
+                                         train_dataset=rows, output_dir=scratch, callbacks=[clock], **overrides)
+        counter = CountingCollator(built.data_collator)
+        built.data_collator = counter
+        if device.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        trainer.run_training(built, recipe, precision)
     text_config = config.get_text_config()
     flops = lora_flops_per_token(text_params_per_token(text_config), recipe.train.gradient_checkpointing)
     result = summarize(clock.times, step_tokens(counter.records, recipe.train.grad_accum), warmup, flops,
                        peak_flops(device.name))
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.cuda else None
     result["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30 if device.cuda else None
-    result["final_loss"] = next((e["loss"] for e in reversed(trainer.state.log_history) if "loss" in e), None)
+    result["final_loss"] = next((e["loss"] for e in reversed(built.state.log_history) if "loss" in e), None)
     result["device"] = device.name
     result["precision"] = precision
-    del trainer, model
+    del built
     free_memory()
     return result
 
@@ -315,7 +310,6 @@ def build_parser() -> argparse.ArgumentParser:
 def setup_recipe(base: dict, overrides: list[str], source: str):
     recipe_overrides, bench_opts = split_bench_overrides(overrides)
     data = apply_overrides(json.loads(json.dumps(base)), recipe_overrides)
-    data.setdefault("output_dir", "/tmp/toolkit-bench")
     return recipe_from_dict(data, source), bench_opts
 
 
