@@ -1,37 +1,32 @@
-"""Reading and checking JSON Lines data before any model is touched, and turning rows into TRL's format.
+"""Checking data rows before any model is touched, and turning them into encoded training rows.
 
-Every problem in every file is collected and reported at once as `file:line: field: what is wrong`, so a user
-fixes a file in one pass instead of one crash at a time.
+Files are read by `toolkit.sources`; here each record is checked against its formatter's rules. Every problem in
+every file is collected and reported at once as `file:line: field: what is wrong`, so a user fixes a file in one
+pass instead of one crash at a time.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toolkit import encode
+from toolkit import encode, sources
 from toolkit.errors import ToolkitError
 from toolkit.formatters import FORMATTERS, OPTIONAL_TEXT_FIELDS, REQUIRED_FIELDS
+from toolkit.sources import json_type_name
 
 MAX_PROBLEMS_SHOWN = 25
-BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
 class Row:
-    """One data row and where it came from, so later problems (e.g. too long) can still point at its line."""
+    """One checked data row and where it came from, so later problems (e.g. too long) can still point at it."""
 
     source: str
     line: int
     fields: dict
-
-
-def json_type_name(value) -> str:
-    return {bool: "boolean", int: "number", float: "number", type(None): "null", list: "list", dict: "object"}.get(
-        type(value), type(value).__name__
-    )
+    where: str = ""
 
 
 def row_problems(fields: dict, formatter: str) -> list[str]:
@@ -55,46 +50,20 @@ def row_problems(fields: dict, formatter: str) -> list[str]:
     return problems
 
 
-def parse_jsonl(path: Path, formatter: str) -> tuple[list[Row], list[str]]:
-    """Parse and check a file. Returns the good rows and every problem found (as `file:line: message`)."""
-    raw = path.read_bytes()
-    if raw.startswith(BOM):
-        raw = raw[len(BOM) :]
-    rows, problems = [], []
-    for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
-        line_bytes = line_bytes.rstrip(b"\r")
-        where = f"{path}:{number}"
-        try:
-            line = line_bytes.decode("utf-8")
-        except UnicodeDecodeError as err:
-            problems.append(f"{where}: not valid UTF-8 (byte {err.start + 1} of the line)")
+def parse_rows(path: Path, formatter: str) -> tuple[list[Row], list[str]]:
+    """Read and check a data file. Returns the good rows and every problem found (each named by its place)."""
+    records, problems = sources.read_records(path)
+    rows = []
+    for record in records:
+        if not isinstance(record.value, dict):
+            problems.append((record.number, f"{record.where}: expected a JSON object, got "
+                                            f"{json_type_name(record.value)}"))
             continue
-        if not line.strip():
-            continue
-        try:
-            fields = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
-            continue
-        if not isinstance(fields, dict):
-            problems.append(f"{where}: expected a JSON object, got {json_type_name(fields)}")
-            continue
-        row_issues = row_problems(fields, formatter)
-        problems.extend(f"{where}: {issue}" for issue in row_issues)
+        row_issues = row_problems(record.value, formatter)
+        problems.extend((record.number, f"{record.where}: {issue}") for issue in row_issues)
         if not row_issues:
-            rows.append(Row(str(path), number, fields))
-    if not rows and not problems:
-        problems.append(f"{path}: no rows (the file is empty)")
-    return rows, problems
-
-
-def check_file_exists(path_text: str, key: str) -> list[str]:
-    path = Path(path_text)
-    if not path.exists():
-        return [f"{key}: file not found: {path} (relative paths are read from the current directory, {Path.cwd()})"]
-    if not path.is_file():
-        return [f"{key}: not a file: {path}"]
-    return []
+            rows.append(Row(record.source, record.number, record.value, record.where))
+    return rows, [message for _, message in sorted(problems, key=lambda item: item[0])]
 
 
 def raise_problems(problems: list[str], what: str) -> None:
@@ -113,12 +82,12 @@ def load_splits(data_section, seed: int) -> tuple[list[Row], list[Row]]:
         files["data.eval"] = data_section.eval
     if data_section.glossary:
         files["data.glossary"] = data_section.glossary
-    problems = [p for key, path in files.items() for p in check_file_exists(path, key)]
+    problems = [p for key, path in files.items() for p in sources.check_exists(path, key)]
     raise_problems(problems, "data")
-    train, problems = parse_jsonl(Path(data_section.train), data_section.formatter)
+    train, problems = parse_rows(Path(data_section.train), data_section.formatter)
     eval_rows: list[Row] = []
     if data_section.eval:
-        eval_rows, eval_problems = parse_jsonl(Path(data_section.eval), data_section.formatter)
+        eval_rows, eval_problems = parse_rows(Path(data_section.eval), data_section.formatter)
         problems += eval_problems
     raise_problems(problems, "data")
     if data_section.eval_fraction > 0:
@@ -215,5 +184,11 @@ def to_dataset(examples: list[encode.Encoded]):
 
 
 def read_glossary(path: str) -> list[str]:
-    lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    """Key terms, one per line; `#` starts a comment line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise ToolkitError(f"data.glossary {path}: not UTF-8 text (byte {err.start + 1}); save it as UTF-8") from None
+    except OSError as err:
+        raise ToolkitError(f"data.glossary {path}: cannot be read ({err.strerror})") from None
     return [t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")]

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from toolkit import data, files, generation, runs, terms
+from toolkit import data, files, generation, runs, sources, terms
 from toolkit.errors import ToolkitError
 from toolkit.report import console, show, write_json
 from toolkit.commands.common import positive_int
@@ -43,10 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_rows(path: str, key: str, formatter: str) -> list[data.Row]:
     """Parse and check one data file, with an error that names the option or recipe key it came from."""
-    problems = data.check_file_exists(path, key)
+    problems = sources.check_exists(path, key)
     if problems:
         raise ToolkitError(problems[0])
-    rows, problems = data.parse_jsonl(Path(path), formatter)
+    rows, problems = data.parse_rows(Path(path), formatter)
     data.raise_problems(problems, key)
     return rows
 
@@ -73,7 +73,7 @@ def glossary_for(recipe, rows: list[data.Row]) -> list[str] | None:
     path = recipe.data.glossary
     if not path or all(row.fields.get("terms") is not None for row in rows):
         return None
-    problems = data.check_file_exists(path, "data.glossary")
+    problems = sources.check_exists(path, "data.glossary")
     if problems:
         raise ToolkitError(problems[0])
     return data.read_glossary(path)

@@ -91,7 +91,7 @@ def verify_rows(recipe) -> list[dict]:
     if not Path(path).is_file():
         console.print(f"[yellow]note:[/] {path} not found; verifying on one fixed prompt", soft_wrap=True)
         return [FALLBACK_ROW]
-    rows, _ = data.parse_jsonl(Path(path), recipe.data.formatter)
+    rows, _ = data.parse_rows(Path(path), recipe.data.formatter)
     return [row.fields for row in rows[:VERIFY_ROWS]] or [FALLBACK_ROW]
 
 
