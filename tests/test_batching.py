@@ -1,16 +1,27 @@
-"""Length grouping keeps every row of every pass and removes most padding."""
+"""Length grouping: the order is pinned (windows of 8 batches sorted by length, batches shuffled), every row is
+seen once per pass, and most padding goes."""
 
 from __future__ import annotations
 
 import random
 from collections import Counter
 
-from toolkit.batching import epoch_stream, length_grouped_order, padding_efficiency
+from toolkit.batching import epoch_stream, length_grouped_order
 
 
 def lengths(n=336, seed=0):
     rng = random.Random(seed)
     return [rng.randint(70, 370) for _ in range(n)]
+
+
+def batches_of(order: list[int], batch_size: int) -> list[tuple[int, ...]]:
+    return [tuple(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+def real_token_share(rows: list[int], order: list[int], batch_size: int) -> float:
+    """Real tokens / padded tokens when each batch is padded to its longest row."""
+    batches = [[rows[i] for i in batch] for batch in batches_of(order, batch_size)]
+    return sum(map(sum, batches)) / sum(max(b) * len(b) for b in batches)
 
 
 def test_every_pass_sees_every_row_once():
@@ -19,15 +30,31 @@ def test_every_pass_sees_every_row_once():
 
 
 def test_fractional_epochs_cut_the_last_pass():
-    assert len(epoch_stream(100, 1.5, seed=0)) == 150
+    stream = epoch_stream(100, 1.5, seed=0)
+    assert len(stream) == 150 and sorted(stream[:100]) == list(range(100)) and len(set(stream[100:])) == 50
+
+
+def test_batches_are_sorted_slices_of_windows_of_eight_batches():
+    """Each batch is a slice of one window of 8 x batch_size rows of the shuffled stream, sorted by length; a full
+    sort, another window size or no grouping gives other batches."""
+    rows, batch_size = lengths(), 4
+    stream = epoch_stream(len(rows), 2, seed=3)
+    window = 8 * batch_size
+    expected = []
+    for start in range(0, len(stream), window):
+        ordered = sorted(stream[start : start + window], key=lambda i: rows[i])
+        expected += batches_of(ordered, batch_size)
+    got = batches_of(length_grouped_order(rows, batch_size, epochs=2, seed=3), batch_size)
+    assert Counter(got) == Counter(expected)
+    assert got != expected  # the batches themselves are shuffled, so long and short ones alternate
 
 
 def test_grouped_batches_waste_little_padding():
     rows = lengths()
     grouped = length_grouped_order(rows, batch_size=32, epochs=3, seed=42)
     shuffled = epoch_stream(len(rows), 3, seed=42)
-    assert padding_efficiency(rows, grouped, 32) > 0.9
-    assert padding_efficiency(rows, shuffled, 32) < 0.7
+    assert real_token_share(rows, grouped, 32) > 0.9
+    assert real_token_share(rows, shuffled, 32) < 0.7
 
 
 def test_order_is_deterministic_and_only_the_last_batch_is_short():
@@ -35,5 +62,16 @@ def test_order_is_deterministic_and_only_the_last_batch_is_short():
     first = length_grouped_order(rows, batch_size=16, epochs=1, seed=7)
     assert first == length_grouped_order(rows, batch_size=16, epochs=1, seed=7)
     assert first != length_grouped_order(rows, batch_size=16, epochs=1, seed=8)
-    batches = [first[i : i + 16] for i in range(0, len(first), 16)]
-    assert [len(b) for b in batches] == [16] * 6 + [4]
+    assert [len(b) for b in batches_of(first, 16)] == [16] * 6 + [4]
+
+
+def test_rows_with_images_share_batches_inside_each_window():
+    rows = lengths(256)
+    images = [i % 10 == 0 for i in range(256)]  # 26 image rows among 256
+    order = length_grouped_order(rows, batch_size=16, epochs=1, seed=5, apart=images)
+    assert sorted(order) == list(range(256))
+    mixed = [b for b in batches_of(order, 16) if any(images[i] for i in b)]
+    assert len(mixed) <= 4  # 2 windows of 128 rows, each with its image rows at its end: at most 2 batches each
+    assert sum(images[i] for b in mixed for i in b) == 26
+    assert length_grouped_order(rows, batch_size=16, epochs=1, seed=5) == length_grouped_order(
+        rows, batch_size=16, epochs=1, seed=5, apart=[False] * 256)

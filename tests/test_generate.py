@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 
 import pytest
@@ -24,15 +25,15 @@ def greedy_answer(run_dir, base: bool, max_new_tokens: int) -> str:
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("base", [False, True])
-def test_streams_the_greedy_answer(tiny_run, capsys, base):
-    flags = ["--base"] if base else []
-    assert main(["generate", str(tiny_run), PROMPT, "--max-new-tokens", "12", *flags]) == 0
+def test_streams_the_base_models_greedy_answer(tiny_run, capsys):
+    """The random base answers with words and never ends its turn (the tuned answer is checked token by token in
+    test_generate_stops_at_end_of_turn)."""
+    assert main(["generate", str(tiny_run), PROMPT, "--max-new-tokens", "12", "--base"]) == 0
     out = capsys.readouterr().out
-    expected = greedy_answer(tiny_run, base, 12)
-    assert expected.strip(), "the tiny model should say something"
+    expected = greedy_answer(tiny_run, True, 12)
+    assert expected.strip(), "the tiny base model should say something"
     assert expected.strip() in out
-    assert "tokens in" in out
+    assert "12 tokens in" in out and "(stopped at --max-new-tokens)" in out
 
 
 def test_adapter_changes_the_answer(tiny_run):
@@ -58,3 +59,66 @@ def test_image_is_refused(tiny_run, tmp_path):
 
 def test_empty_prompt_is_refused(tiny_run):
     assert main(["generate", str(tiny_run), "  "]) == 2
+
+
+def force_answer(monkeypatch, tokens: list[int], then: int) -> None:
+    """Every model `toolkit` loads answers `tokens` greedily, then `then` forever: a model that is not stopped at
+    the end of its turn keeps writing `then`."""
+    from toolkit import runs
+
+    original = runs.load_trained
+
+    def load_trained(*args, **kwargs):
+        model, tokenizer, recipe = original(*args, **kwargs)
+        step = {"n": 0}
+
+        def hook(module, args, kwargs, output):
+            if kwargs["input_ids"].shape[1] > 1:  # a prompt, not one generated token: a new answer starts
+                step["n"] = 0
+            forced = tokens[step["n"]] if step["n"] < len(tokens) else then
+            step["n"] += 1
+            output.logits[:, -1, :] = -1e4
+            output.logits[:, -1, forced] = 1e4
+            return output
+
+        model.get_base_model().register_forward_hook(hook, with_kwargs=True)
+        return model, tokenizer, recipe
+
+    monkeypatch.setattr(runs, "load_trained", load_trained)
+
+
+@pytest.fixture(scope="module")
+def words(tiny_run) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_run))
+    ids = {word: tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in ("철근", "양생", "비계")}
+    return {"ids": ids, "eot": tokenizer.convert_tokens_to_ids("<|eot_id|>"),
+            "answer": tokenizer.decode([ids["철근"], ids["양생"]]).strip()}
+
+
+def test_generate_stops_at_end_of_turn(tiny_run, words, monkeypatch, capsys):
+    ids = words["ids"]
+    force_answer(monkeypatch, [ids["철근"], ids["양생"], words["eot"]], then=ids["비계"])
+    assert main(["generate", str(tiny_run), PROMPT, "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert f"{words['answer']}\n" in out and "3 tokens in" in out
+
+
+def test_eval_answers_stop_at_end_of_turn(tiny_run, words, monkeypatch, tmp_path):
+    ids = words["ids"]
+    force_answer(monkeypatch, [ids["철근"], ids["양생"], words["eot"]], then=ids["비계"])
+    assert main(["eval", str(tiny_run), "--limit", "3", "--batch-size", "2", "--max-new-tokens", "8", "--json",
+                 str(tmp_path / "eval.json")]) == 0
+    predictions = (tiny_run / "eval_predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["prediction"] for line in predictions] == [words["answer"]] * 3
+
+
+def test_an_answer_cannot_steer_the_terminal(tiny_run, words, monkeypatch, capsys):
+    from transformers import AutoTokenizer
+
+    escape = AutoTokenizer.from_pretrained(str(tiny_run))("\x1b[2J\u202e", add_special_tokens=False)["input_ids"]
+    force_answer(monkeypatch, [*escape, words["eot"]], then=words["ids"]["비계"])
+    assert main(["generate", str(tiny_run), PROMPT, "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "\\x1b[2J\\u202e\n" in out and "\x1b" not in out and "\u202e" not in out

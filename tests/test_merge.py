@@ -14,9 +14,9 @@ ROW = {"instruction": "다음 건설 용어를 설명하세요.", "input": "양�
 
 
 def prompt_logits(model, tokenizer, recipe) -> torch.Tensor:
-    from toolkit.data import prompt_ids
+    from toolkit.data import Row, prompt_ids
 
-    ids = torch.tensor([prompt_ids(ROW, recipe.data, tokenizer)])
+    ids = torch.tensor([prompt_ids(Row("merge-test", 1, ROW), recipe.data, tokenizer)])
     with torch.no_grad():
         return model(input_ids=ids).logits.float()
 
@@ -55,6 +55,10 @@ def test_merged_folder_is_complete_and_adapter_free(merged_fp32):
     assert GenerationConfig.from_pretrained(merged_fp32).eos_token_id
     report = json.loads((merged_fp32 / "merge_report.json").read_text(encoding="utf-8"))
     assert report["passed"] and report["max_abs_delta"] <= report["tolerance"] < report["adapter_effect"]
+    from toolkit.files import usual_mode
+
+    assert merged_fp32.stat().st_mode & 0o777 == usual_mode(directory=True)  # not the staging folder's 0o700
+    assert [p.name for p in merged_fp32.iterdir() if p.stat().st_mode & 0o777 != usual_mode()] == []
 
 
 def test_bf16_merge_passes_its_default_tolerance(tiny_run, tmp_path):
@@ -103,3 +107,22 @@ def test_adapter_traces_are_found(tmp_path):
     (tmp_path / "adapter_config.json").unlink()
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mllama"}), encoding="utf-8")
     assert adapter_traces(tmp_path) == []
+
+
+def test_a_merged_model_never_replaces_what_another_process_wrote_meanwhile(tmp_path):
+    """Two merges into one new --output: the one that finishes second finds the folder filled and leaves it."""
+    from toolkit import files
+    from toolkit.commands.merge import put_in_place
+    from toolkit.errors import ToolkitError
+
+    staging, out = tmp_path / ".merged.merging-1", tmp_path / "merged"
+    staging.mkdir()
+    files.write_marker(staging, "merged", complete=True)
+    out.mkdir()
+    files.write_marker(out, "merged", complete=True)
+    (out / "model.safetensors").write_bytes(b"the other merge's")
+    with pytest.raises(ToolkitError) as err:
+        put_in_place(staging, out, overwrite=False)
+    assert str(err.value) == (f"--output {out} was filled while this merge ran (another process?); nothing was "
+                              "replaced. Pass --overwrite to replace it or choose another directory")
+    assert (out / "model.safetensors").read_bytes() == b"the other merge's"

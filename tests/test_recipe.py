@@ -10,7 +10,8 @@ import yaml
 from toolkit.errors import ToolkitError
 from toolkit.recipe import load_recipe, recipe_from_dict, save_recipe
 
-RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted(ROOT.joinpath("recipes").glob("*.yaml"))
 MINIMAL = {"model": {"name": "builtin:tiny-mllama"}, "data": {"train": "train.jsonl"}}
 
 
@@ -21,11 +22,14 @@ def problems(data: dict) -> str:
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
-def test_shipped_recipe_validates_and_names_its_command(path):
+def test_shipped_recipe_validates_names_its_command_and_its_files_exist(path):
     recipe = load_recipe(path)
-    assert recipe.model.name and recipe.data.train
     first_line = path.read_text(encoding="utf-8").splitlines()[0]
     assert first_line.startswith("# toolkit ") and path.name in first_line
+    named = [recipe.data.train, recipe.data.eval, recipe.data.glossary]
+    files = [name for entry in named if entry for name in ([entry] if isinstance(entry, str) else entry)]
+    assert files and [name for name in files if not (ROOT / name).is_file()] == []
+    assert recipe.output_dir == f"runs/{path.stem}"
 
 
 def test_unknown_key_names_path_valid_keys_and_suggestion():
@@ -95,3 +99,52 @@ def test_readme_documents_every_recipe_key():
             if f"`{key}`" not in readme:
                 missing.append(f"{section}.{key}")
     assert missing == []
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("train", {"learning_rate": float("inf")}, "train.learning_rate: Input should be a finite number"),
+    ("train", {"learning_rate": float("nan")}, "train.learning_rate: Input should be a finite number"),
+    ("train", {"epochs": float("inf")}, "train.epochs: Input should be a finite number"),
+    ("lora", {"alpha": float("inf")}, "lora.alpha: Input should be a finite number"),
+    ("train", {"max_steps": 1e30},
+     "train.max_steps: Unable to parse input string as an integer, exceeded maximum size"),
+    ("train", {"max_steps": 10**30}, "train.max_steps: Input should be less than or equal to 100000000"),
+    ("train", {"seed": -1}, "train.seed: Input should be greater than or equal to 0"),
+    ("train", {"seed": 2**64}, "train.seed: Input should be less than or equal to 4294967295"),
+    ("train", {"optim": "adamw_torh"}, "train.optim: unknown optimizer 'adamw_torh' (did you mean 'adamw_torch'?); "
+                                       "common ones: adamw_torch, adamw_torch_fused, adamw_8bit, paged_adamw_8bit, "
+                                       "adafactor, sgd"),
+    ("lora", {"targets": "(q_proj"}, "lora.targets: not a valid regular expression (missing ), unterminated "
+                                     "subpattern at position 0)"),
+])
+def test_settings_that_cannot_work_are_refused_before_anything_loads(section, values, message):
+    assert problems({**MINIMAL, section: values}) == f"recipe has 1 problem(s):\n  - {message}"
+
+
+def test_yaml_infinity_in_a_recipe_file_is_refused(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name: builtin:tiny-mllama}\ndata: {train: t.jsonl}\ntrain: {learning_rate: .inf}\n",
+                    encoding="utf-8")
+    with pytest.raises(ToolkitError) as err:
+        load_recipe(path)
+    assert str(err.value) == f"{path} has 1 problem(s):\n  - train.learning_rate: Input should be a finite number"
+
+
+@pytest.mark.parametrize("recipe_text, override, message", [
+    ("model: {name: x}\ndata: {train: t}\n", "train.max_steps=[1",
+     "--set train.max_steps: the value is not valid YAML (expected ',' or ']', but got '<stream end>' at line 1, "
+     "column 3); quote it, e.g. --set 'train.max_steps=\"...\"'"),
+    ("model: {name: x}\ndata: {train: t}\n", "train.seed=" + "[" * 3000,
+     "--set train.seed: the value is nested too deeply to be a setting"),
+    ("model: {name: x}\ndata: {train: t}\n", "model.name.x=1",
+     "--set model.name.x: model.name is a value ('x'), not a section"),
+    ("- a\n- b\n", "train.max_steps=5",
+     "--set train.max_steps: the recipe is not a mapping of sections, so there is no key to set; fix the recipe file "
+     "first"),
+])
+def test_set_problems_are_one_line_errors(tmp_path, recipe_text, override, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_text, encoding="utf-8")
+    with pytest.raises(ToolkitError) as err:
+        load_recipe(path, [override])
+    assert str(err.value) == message

@@ -159,10 +159,22 @@ def empty_config(run_dir: Path) -> None:
     (run_dir / "adapter_config.json").write_text("", encoding="utf-8")
 
 
+def truncate_tokenizer(run_dir: Path) -> None:
+    (run_dir / "tokenizer.json").write_text('{"trunc', encoding="utf-8")
+
+
+def retarget_config(run_dir: Path) -> None:
+    config = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    config["r"] = 4  # the saved weights are rank 8
+    (run_dir / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
+
+
 @pytest.mark.parametrize("damage, message", [
     (nan_adapter, "holds NaN or inf values"),
     (truncate_adapter, "is not a readable safetensors file"),
     (empty_config, "adapter_config.json is not valid JSON"),
+    (truncate_tokenizer, "the run's tokenizer files cannot be read"),
+    (retarget_config, "the adapter does not fit its base model builtin:tiny-mllama"),
 ])
 @pytest.mark.parametrize("command", ["eval", "extract", "merge", "generate"])
 def test_every_reader_refuses_a_damaged_run_in_one_line(tiny_run, tmp_path, capsys, damage, message, command):
@@ -170,7 +182,7 @@ def test_every_reader_refuses_a_damaged_run_in_one_line(tiny_run, tmp_path, caps
     extra = {"eval": [], "extract": ["--output", str(tmp_path / "a.safetensors")],
              "merge": ["--output", str(tmp_path / "merged")], "generate": ["hello"]}[command]
     assert main([command, str(run_dir), *extra]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().out.replace("\n", "")
     assert message in out and "Traceback" not in out
     assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "merged").exists()
 

@@ -15,7 +15,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_recipe
 from toolkit import files, runs, trainer
+from toolkit.batching import length_grouped_order
 from toolkit.cli import main
+from toolkit.prepare import prepare
+from toolkit.recipe import load_recipe
 
 
 def lora_tensors(run_dir: Path) -> dict:
@@ -38,6 +41,8 @@ def test_run_directory_holds_the_adapter_and_its_story(tiny_run):
     assert (tiny_run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((tiny_run / "metrics.json").read_text(encoding="utf-8"))["summary"]
     assert summary["steps"] == 12 and summary["lora_modules"] == 16
+    private = [p.name for p in tiny_run.iterdir() if p.is_file() and p.stat().st_mode & 0o777 != files.usual_mode()]
+    assert private == []  # readable like plainly written files (safetensors and temporary files start as 0o600)
 
 
 def test_every_self_attention_adapter_moved_and_none_sit_in_the_vision_tower(tiny_run):
@@ -62,22 +67,85 @@ def test_training_is_exactly_reproducible(tmp_path, tiny_data, tiny_run):
     assert losses(again)[-1] < losses(again)[0]
 
 
-def test_grouping_rows_by_length_trains_the_same_rows(tmp_path, tiny_data):
+def batches_read_by_the_trainer(monkeypatch) -> list:
+    """Fills with the batches the Trainer's data loader yields (pad tokens dropped), read just before training."""
+    seen = []
+    original = trainer.run_training
+
+    def run_training(built, *args, **kwargs):
+        pad = built.processing_class.pad_token_id
+        seen.extend([[t for t in row if t != pad] for row in batch["input_ids"].tolist()]
+                    for batch in built.get_train_dataloader())
+        return original(built, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "run_training", run_training)
+    return seen
+
+
+def test_grouped_rows_reach_the_trainer_in_the_grouped_order(tmp_path, tiny_data, monkeypatch):
     recipe = tiny_recipe(tmp_path, tiny_data, train={"group_by_length": True, "max_steps": 6})
+    seen = batches_read_by_the_trainer(monkeypatch)
     run_dir = tmp_path / "grouped"
     assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 0
-    assert len(losses(run_dir)) == 4 and all(loss > 0 for loss in losses(run_dir))
+    examples = prepare(load_recipe(recipe)).train.examples
+    order = length_grouped_order([len(e.input_ids) for e in examples], batch_size=4, epochs=3, seed=42)
+    assert seen == [[examples[i].input_ids for i in order[j : j + 4]] for j in range(0, len(order), 4)]
+    assert len(losses(run_dir)) == 4
 
 
-@pytest.mark.parametrize("mode", ["8bit", "4bit"])
-def test_quantized_lora_trains_on_cpu(tmp_path, tiny_data, mode):
+def layer_classes(model) -> tuple[str, str]:
+    """The classes of an MLP projection LoRA does not wrap and of lm_head: what quantization decided."""
+    modules = dict(model.named_modules())
+    down = next(m for name, m in modules.items() if name.endswith("language_model.layers.0.mlp.down_proj"))
+    head = next(m for name, m in modules.items() if name.endswith("lm_head"))
+    return type(down).__name__, type(head).__name__
+
+
+@pytest.mark.parametrize("mode, quantized", [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
+def test_quantized_lora_trains_on_cpu(tmp_path, tiny_data, monkeypatch, mode, quantized):
+    trained = []
+    original = trainer.build_trainer
+
+    def build_trainer(*args, **kwargs):
+        built = original(*args, **kwargs)
+        trained.append(layer_classes(built[0].model))
+        return built
+
+    monkeypatch.setattr(trainer, "build_trainer", build_trainer)
     recipe = tiny_recipe(tmp_path, tiny_data, quantization={"mode": mode}, train={"max_steps": 4})
     run_dir = tmp_path / mode
     assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 0
+    assert trained == [(quantized, "Linear")]  # lm_head stays unquantized by default
     tensors = lora_tensors(run_dir)
     assert any(t.abs().max() > 0 for name, t in tensors.items() if "lora_B" in name)
     saved = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
     assert f"mode: {mode}" in saved
+
+
+def test_skip_modules_replaces_the_default_that_keeps_lm_head_unquantized():
+    from toolkit import modeling
+    from toolkit.recipe import recipe_from_dict
+
+    def loaded(**quantization):
+        recipe = recipe_from_dict({"model": {"name": "builtin:tiny-mllama"}, "data": {"train": "t.jsonl"},
+                                   "quantization": {"mode": "8bit", **quantization}})
+        return modeling.load_model(recipe, "fp32", modeling.detect_accelerator())
+
+    assert layer_classes(loaded()) == ("Linear8bitLt", "Linear")
+    model = loaded(skip_modules=["model.vision_model"])
+    assert layer_classes(model) == ("Linear8bitLt", "Linear8bitLt")
+    vision = {type(m).__name__ for name, m in model.named_modules() if "vision_model" in name and "proj" in name}
+    assert vision == {"Linear"}
+
+
+def test_skip_modules_that_match_nothing_are_refused(tmp_path, tiny_data, capsys):
+    """transformers matches an entry from the start of a module path or at its end, so `vision_model` alone would
+    leave the vision tower quantized without a word."""
+    recipe = tiny_recipe(tmp_path, tiny_data, quantization={"mode": "8bit", "skip_modules": ["vision_model", "x"]})
+    assert main(["validate", str(recipe)]) == 2
+    assert capsys.readouterr().out.replace("\n", "") == (
+        "error: quantization.skip_modules: 'vision_model', 'x' match no linear layer of this model; an entry "
+        "matches a module path from its start (e.g. model.vision_model) or its end (e.g. lm_head)")
 
 
 def test_existing_folder_is_not_overwritten(tmp_path, tiny_data, capsys):
@@ -154,13 +222,20 @@ def test_resume_starts_from_the_checkpoints_weights(six_steps, tmp_path):
     assert any((resumed[k] - whole[k]).abs().max() > 0.01 for k in whole if "lora_B" in k and "self_attn" in k)
 
 
-def test_resume_skips_a_checkpoint_cut_short_by_a_crash(six_steps, tmp_path, capsys):
+def cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda folder: (folder / "trainer_state.json").unlink(), "missing trainer_state.json"),  # killed mid-save
+    (lambda folder: cut_short(folder / "optimizer.pt"), "optimizer.pt is damaged (not a complete archive)"),
+])
+def test_resume_skips_a_checkpoint_cut_short_by_a_crash(six_steps, tmp_path, capsys, damage, problem):
     run_dir = copy_of(six_steps["interrupted"], tmp_path)
-    (run_dir / "checkpoint-4" / "trainer_state.json").unlink()  # killed while checkpoint-4 was being written
+    damage(run_dir / "checkpoint-4")
     assert main(["sft", str(six_steps["recipe"]), "--output-dir", str(run_dir), "--resume"]) == 0
     out = capsys.readouterr().out.replace("\n", "")
-    assert "checkpoint-4: incomplete (missing trainer_state.json)" in out and "resuming from" in out
-    assert "checkpoint-2" in out
+    assert f"checkpoint-4: incomplete ({problem})" in out and f"resuming from {run_dir / 'checkpoint-2'}" in out
     resumed, whole = lora_tensors(run_dir), lora_tensors(six_steps["whole"])
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
 
@@ -172,6 +247,29 @@ def test_resume_on_a_finished_run_changes_nothing(six_steps, tmp_path, capsys):
     assert "is a finished run; --resume only continues an interrupted one, so nothing was trained" in \
         capsys.readouterr().out.replace("\n", "")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def fail_at_first_checkpoint(monkeypatch, error: Exception):
+    def on_save(self, args, state, control, **kwargs):
+        raise error
+
+    monkeypatch.setattr(trainer.RichProgressCallback, "on_save", on_save, raising=False)
+
+
+def test_a_checkpoint_that_fills_the_disk_is_one_line(tmp_path, tiny_data, monkeypatch, capsys):
+    """torch's archive writer fails on a full disk without naming the cause; with no space left, that is the cause."""
+    recipe = tiny_recipe(tmp_path, {"train": tiny_data["train"]}, train={"max_steps": 2, "save_steps": 1})
+    fail_at_first_checkpoint(monkeypatch, RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos"))
+    monkeypatch.setattr(files, "FULL_BELOW", 2**62)  # every disk counts as full
+    run_dir = tmp_path / "run"
+    assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 2
+    assert capsys.readouterr().out.replace("\n", "").endswith(
+        f"error: the disk holding {run_dir} is full ([enforce fail at inline_container.cc:672] . unexpected pos); "
+        "free space, then continue with --resume (from checkpoint-1)")
+    assert [p.name for p in runs.checkpoints(run_dir)] == ["checkpoint-1"] and not files.is_complete(run_dir, "run")
+    monkeypatch.setattr(files, "FULL_BELOW", 0)  # with space left the same failure is not blamed on the disk
+    assert main(["sft", str(recipe), "--output-dir", str(tmp_path / "other")]) == 1
+    assert "unexpected RuntimeError in toolkit sft" in capsys.readouterr().out
 
 
 def test_unreachable_hub_model_is_one_line(tmp_path, tiny_data, capsys, monkeypatch):

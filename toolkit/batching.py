@@ -27,32 +27,26 @@ def epoch_stream(n_rows: int, epochs: float, seed: int) -> list[int]:
 
 
 def length_grouped_order(lengths: list[int], batch_size: int, epochs: float, seed: int,
-                         window_batches: int = WINDOW_BATCHES) -> list[int]:
+                         window_batches: int = WINDOW_BATCHES, apart: list[bool] | None = None) -> list[int]:
     """The training order: a shuffled multi-epoch stream, sorted by length inside windows of `window_batches`
     batches, cut into batches, and the batches shuffled so long and short ones alternate at random.
+
+    Rows flagged in `apart` (rows with images) sort after the others inside each window, so they share batches:
+    Mllama's vision tower runs over every row of a batch that holds any image, text rows' empty slots included.
 
     Only the very last batch can be short, so the Trainer's batch boundaries match these batches exactly. A window
     that straddles two passes may hold the same row twice; every row is still seen once per pass.
     """
     stream = epoch_stream(len(lengths), epochs, seed)
+    flags = apart or [False] * len(lengths)
     rng = random.Random(seed)
     batches = []
     window = batch_size * window_batches
     for start in range(0, len(stream), window):
-        ordered = sorted(stream[start : start + window], key=lambda i: lengths[i])
+        ordered = sorted(stream[start : start + window], key=lambda i: (flags[i], lengths[i]))
         batches.extend(ordered[j : j + batch_size] for j in range(0, len(ordered), batch_size))
     tail = batches.pop() if batches and len(batches[-1]) < batch_size else None
     rng.shuffle(batches)
     if tail:
         batches.append(tail)
     return [i for batch in batches for i in batch]
-
-
-def padding_efficiency(lengths: list[int], order: list[int], batch_size: int) -> float:
-    """Real tokens / padded tokens when rows are batched in this order (1.0 means no padding)."""
-    real = padded = 0
-    for start in range(0, len(order), batch_size):
-        batch = [lengths[i] for i in order[start : start + batch_size]]
-        real += sum(batch)
-        padded += max(batch) * len(batch)
-    return real / padded if padded else 1.0

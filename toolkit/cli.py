@@ -1,11 +1,21 @@
-"""`toolkit COMMAND ...`: one module per command, each with `main(argv) -> int`; this file only dispatches."""
+"""`toolkit COMMAND ...`: one module per command, each with `main(argv) -> int`; this file only dispatches.
+
+Every failure ends as one line on the terminal and an exit code: 2 for a problem the user can fix (a
+`ToolkitError`, or the operating system refusing a file: disk full, read-only, no permission), 1 for an error in the
+toolkit itself, 130 for Ctrl-C. `toolkit --debug COMMAND ...` (or `--debug` anywhere among a command's options)
+prints the traceback as well.
+"""
 
 from __future__ import annotations
 
+import errno
 import importlib
+import logging
 import os
 import sys
+import traceback
 import warnings
+from contextlib import contextmanager
 
 COMMANDS = {
     "sft": "Fine-tune with LoRA as a recipe says.",
@@ -15,34 +25,152 @@ COMMANDS = {
     "merge": "Merge a run's adapter into its base model and save a full model.",
     "generate": "Answer one prompt with a run's model.",
     "bench": "Measure training speed and memory of a recipe's setup (GPU).",
+    "new-recipe": "Write recipes/NAME.yaml for a new domain from the construction recipe, then validate it.",
 }
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "TOOLKIT_DEBUG"  # set while a command runs with --debug, so processes it starts show tracebacks too
+
+# Messages a normal run prints that tell the user nothing they can act on, by the logger or warning that carries
+# them. Everything else, PEFT's warnings included, stays visible.
+NOISY_LOGGERS = {
+    # bitsandbytes tries an optional CPU kernel package at import time and logs when it is absent.
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    # logged on every forward pass of an 8-bit layer whose input is not fp16 (all of them in fp32 and bf16 runs).
+    "bitsandbytes.autograd._functions": "MatMul8bitLt: inputs will be cast from",
+    # checkpoints saved less than a second apart (small models, short save_steps); numbered order is used, as intended.
+    "transformers.trainer_utils": "mtime may not be reliable on this filesystem",
+}
+NOISY_WARNINGS = [
+    # PEFT and TRL read transformers' deprecated alias on every model they wrap; the user cannot change that.
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+]
 
 
 def usage() -> str:
-    lines = ["usage: toolkit COMMAND [options]   (toolkit COMMAND --help for a command's options)", "", "commands:"]
+    lines = ["usage: toolkit [--debug] COMMAND [options]   (toolkit COMMAND --help for a command's options)", "",
+             "commands:"]
     lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
 
 
-def quiet_libraries() -> None:
-    """Keep the terminal for what the user asked for: library chatter at warning level and below is hidden."""
+def set_environment() -> None:
+    """Defaults the libraries read when they are imported (a user's own setting wins)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Rows of varying length make the CUDA caching allocator fragment (measured: 116 GiB reserved for a
     # 77 GiB peak); growable segments let the same run fit a smaller GPU.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    import datasets
-    import transformers
 
-    transformers.logging.set_verbosity_error()
+
+class DropMessage(logging.Filter):
+    """Drops one logger's records that start with a known text, and nothing else."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def hide_known_noise() -> None:
+    """Hide exactly the messages in NOISY_LOGGERS and NOISY_WARNINGS, and the datasets progress bars TRL's data
+    preparation would draw beside the toolkit's own."""
+    for name, prefix in NOISY_LOGGERS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMessage) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(DropMessage(prefix))
+    for category, message in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    import datasets
+
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+
+
+def os_error_message(err: OSError) -> str:
+    """One line for the operating system refusing a file: which file, what happened, what to do."""
+    where = f"{err.filename}: " if err.filename else ""
+    advice = {
+        errno.ENOSPC: "the disk is full: free space, then run the command again (an interrupted sft continues with "
+                      "--resume)",
+        errno.EDQUOT: "the disk quota is used up: free space, then run the command again",
+        errno.EROFS: "that file system is read-only: choose a writable location",
+        errno.EACCES: "check the file's permissions or choose another location",
+        errno.EPERM: "check the file's permissions or choose another location",
+    }.get(err.errno, "check the path and the disk, then run the command again")
+    return f"{where}{err.strerror or err}; {advice}"
+
+
+def print_error(message: str, label: str = "error:") -> None:
+    """The message as plain text: a path or data text holding `[bold]` or escape sequences is shown, never
+    interpreted."""
+    from rich.text import Text
+
+    from toolkit.report import console
+    from toolkit.terminal import visible
+
+    console.print(Text.assemble((label, "bold red"), " ", visible(message)), soft_wrap=True)
+
+
+def split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """argv without `--debug`, and whether it was there (before the command or among its options)."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    debug = DEBUG_FLAG in argv[:cut] or os.environ.get(DEBUG_ENV) == "1"
+    return [a for a in argv[:cut] if a != DEBUG_FLAG] + argv[cut:], debug
+
+
+@contextmanager
+def debug_environment(debug: bool):
+    """Mark the environment while the command runs, so training processes it starts report the same way."""
+    before = os.environ.get(DEBUG_ENV)
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = before
+
+
+def run_command(name: str, argv: list[str], debug: bool) -> int:
+    """Run one command and turn every way it can fail into one line and an exit code."""
+    from toolkit.errors import ToolkitError
+    from toolkit.files import says_disk_full
+
+    try:
+        set_environment()
+        hide_known_noise()
+        module = importlib.import_module(f"toolkit.commands.{name.replace('-', '_')}")
+        return module.main(argv)
+    except ToolkitError as err:
+        return failed(str(err), 2, debug)
+    except OSError as err:
+        return failed(os_error_message(err), 2, debug)
+    except SystemExit as exit_:  # argparse's --help and usage errors
+        return exit_.code if isinstance(exit_.code, int) else 1
+    except KeyboardInterrupt:
+        print_error("stopped by Ctrl-C", label="interrupted:")
+        return 130
+    except Exception as err:
+        first = (str(err).splitlines() or [""])[0][:300]
+        if says_disk_full(err):
+            return failed(f"{first}; the disk is full: free space, then run the command again", 2, debug)
+        hint = "" if debug else f"; run it again as toolkit --debug {name} ... to see where, and report it"
+        return failed(f"unexpected {type(err).__name__} in toolkit {name}: {first}{hint}", 1, debug)
+
+
+def failed(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print_error(message)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -55,21 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
-    from toolkit.errors import ToolkitError
-    from toolkit.report import console
-
-    try:
-        quiet_libraries()
-        module = importlib.import_module(f"toolkit.commands.{name}")
-        return module.main(argv[1:])
-    except ToolkitError as err:
-        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
-        return 2
-    except SystemExit as exit_:  # argparse's --help and usage errors
-        return exit_.code if isinstance(exit_.code, int) else 1
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/]")
-        return 130
+    with debug_environment(debug):
+        return run_command(name, argv[1:], debug)
 
 
 def entry() -> None:

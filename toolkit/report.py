@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from rich.console import Console
@@ -12,20 +11,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-def _main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+from toolkit.distributed import is_main_process
+from toolkit.terminal import visible
 
-
-console = Console(highlight=False, quiet=not _main_process())  # one voice when several processes train
+console = Console(highlight=False, quiet=not is_main_process())  # one voice when several processes train
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> Table:
-    """A rich table whose cells are plain text: a path or data text holding `[bold]` is shown, never interpreted."""
-    out = Table(title=Text(title), title_justify="left")
+    """A rich table whose cells are plain text: a path or data text holding `[bold]` or escape sequences is shown,
+    never interpreted."""
+    out = Table(title=Text(visible(title)), title_justify="left")
     for i, name in enumerate(columns):
-        out.add_column(Text(name), justify="left" if i == 0 else "right")
+        out.add_column(Text(visible(name)), justify="left" if i == 0 else "right")
     for row in rows:
-        out.add_row(*[Text(format_cell(v)) for v in row])
+        out.add_row(*[Text(visible(format_cell(v))) for v in row])
     return out
 
 

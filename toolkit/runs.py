@@ -42,7 +42,23 @@ def checkpoint_problem(folder: Path) -> str | None:
         return "trainer_state.json is unreadable"
     if not isinstance(state, dict) or state.get("global_step") != int(folder.name.split("-")[-1]):
         return "trainer_state.json does not match the folder's step"
-    return adapter_file_problem(folder / ADAPTER_FILE)
+    return adapter_file_problem(folder / ADAPTER_FILE) or damaged_archive(folder)
+
+
+def damaged_archive(folder: Path) -> str | None:
+    """The first of a checkpoint's torch files (optimizer, scheduler, RNG state) that is cut short or altered:
+    torch saves zip archives with a checksum per entry, so this is found without unpickling anything."""
+    import zipfile
+
+    for path in sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile, EOFError):
+            return f"{path.name} is damaged (not a complete archive)"
+        if bad is not None:
+            return f"{path.name} is damaged (entry {bad} fails its checksum)"
+    return None
 
 
 def resumable_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
@@ -84,12 +100,15 @@ class Claim:
     finished: bool = False
 
 
-def check_parent_writable(run_dir: Path) -> None:
-    parent = run_dir.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not files.writable(parent):
-        raise ToolkitError(f"cannot write the run directory {run_dir}: {parent} is not a writable directory")
+def check_writable(run_dir: Path) -> None:
+    """Refuse before anything is written: the run directory (or the folder it will be made in) must take files,
+    so a read-only disk or a folder without permission is one line, not a failure halfway through."""
+    where = run_dir.resolve()
+    while not where.exists():
+        where = where.parent
+    if not where.is_dir() or not files.writable(where):
+        raise ToolkitError(f"cannot write the run directory {run_dir}: {where} is not a writable directory "
+                           "(read-only disk or no permission); make it writable or choose another --output-dir")
 
 
 def inspect_for_training(run_dir: Path, overwrite: bool, resume: bool, claim: Claim) -> None:
@@ -127,7 +146,7 @@ def claimed_run_dir(run_dir: Path, overwrite: bool, resume: bool):
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise ToolkitError(f"run directory {run_dir} is a file; choose a directory")
-    check_parent_writable(run_dir)
+    check_writable(run_dir)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     claim = Claim(run_dir, created)
@@ -148,16 +167,21 @@ def claimed_run_dir(run_dir: Path, overwrite: bool, resume: bool):
             files.empty_owned(run_dir, KIND, "--output-dir")
         files.write_marker(run_dir, KIND, complete=False)
         yield claim
-    except BaseException:
-        if (claim.created or overwrite) and resumable_checkpoint(run_dir)[0] is None and not claim.finished:
+    except BaseException as err:
+        full = isinstance(err, Exception) and not isinstance(err, ToolkitError) and files.disk_full(err, run_dir)
+        kept = resumable_checkpoint(run_dir)[0]
+        if (claim.created or overwrite) and kept is None and not claim.finished:
             if claim.created:
                 shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run behind
             else:
                 files.empty_owned(run_dir, KIND, "--output-dir")
+        if full:
+            then = f"continue with --resume (from {kept.name})" if kept else "run it again"
+            raise ToolkitError(f"the disk holding {run_dir} is full ({first_line(err)}); free space, then {then}"
+                               ) from err
         raise
     finally:
-        if run_dir.exists():
-            files.release_lock(run_dir)
+        files.release_lock(run_dir)
 
 
 def finish_run(run_dir: Path) -> None:
@@ -268,6 +292,7 @@ def save_run(trainer, prepared, run_dir: Path, result, seconds: float) -> dict:
     write_json(run_dir / METRICS_FILE, {"summary": summary, "log_history": trainer.state.log_history})
     plot_loss(trainer.state.log_history, run_dir / LOSS_PLOT)
     files.write_text_atomic(run_dir / "README.md", run_card(prepared, summary, run_dir))
+    files.share_like_plain_files(run_dir)
     finish_run(run_dir)
     return summary
 
@@ -280,6 +305,10 @@ def open_run(run_dir: str | Path):
         raise ToolkitError(f"run directory not found: {run_dir}")
     marker = files.read_marker(run_dir)
     if marker is not None and marker.get("kind") == KIND and not marker.get("complete"):
+        holder = files.lock_holder(run_dir)
+        if holder is not None:
+            raise ToolkitError(f"{run_dir} is being trained right now (pid {holder.get('pid', '?')} on "
+                               f"{holder.get('host', '?')}); wait for it to finish")
         raise ToolkitError(f"{run_dir} is an interrupted run (training did not finish); "
                            "finish it with toolkit sft RECIPE --output-dir RUN --resume")
     if not (run_dir / RECIPE_FILE).is_file() or not (run_dir / ADAPTER_CONFIG).is_file():
@@ -320,9 +349,41 @@ def attach_adapter(run_dir: str | Path, recipe, precision: str, device, quantize
     base = modeling.load_model(recipe, precision, device, quantize=quantize)
     if device.cuda and (recipe.quantization.mode == "none" or not quantize):
         base = base.to("cuda")  # quantized models are already placed by their device_map
-    model = PeftModel.from_pretrained(base, str(run_dir))
+    try:
+        model = PeftModel.from_pretrained(base, str(run_dir))
+    except (ValueError, KeyError, RuntimeError) as err:
+        if "out of memory" in str(err).lower():
+            raise
+        raise ToolkitError(f"{run_dir}: the adapter does not fit its base model {recipe.model.name} "
+                           f"({first_line(err)}); adapter_config.json or the weights were changed, train it again"
+                           ) from None
     model.eval()
     return model
+
+
+def first_line(err: BaseException, limit: int = 160) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
+
+
+def run_tokenizer(run_dir: str | Path):
+    """The tokenizer saved with the run (pad token and chat template as trained); a one-line error when its files
+    are missing or damaged."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(run_dir))
+    except (OSError, ValueError, TypeError) as err:
+        raise ToolkitError(f"{run_dir}: the run's tokenizer files cannot be read ({first_line(err)}); copy "
+                           "tokenizer.json and tokenizer_config.json from the base model, or train again") from None
+
+
+def image_inputs(recipe, tokenizer):
+    """What reads images for this run's model (None for a text-only model), with the recipe's tile cap."""
+    from toolkit import vision
+
+    config = modeling.load_config(recipe.model.name, recipe.model.revision)
+    return vision.image_inputs_for(recipe.model.name, recipe.model.revision, config, tokenizer,
+                                   recipe.data.max_image_tiles)
 
 
 def load_trained(run_dir: str | Path, quantize: bool = True):
@@ -330,13 +391,11 @@ def load_trained(run_dir: str | Path, quantize: bool = True):
 
     `quantize=False` loads the base unquantized (in the run's precision) even if training used 8-bit or 4-bit.
     """
-    from transformers import AutoTokenizer
-
     from toolkit.translate import resolve_precision
 
     recipe = open_run(run_dir)
+    tokenizer = run_tokenizer(run_dir)  # before the model: damaged files fail in a second, not after loading
     device = modeling.detect_accelerator()
     precision = resolve_precision(recipe.train.precision, device)
     model = attach_adapter(run_dir, recipe, precision, device, quantize)
-    tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
     return model, tokenizer, recipe

@@ -40,11 +40,6 @@ def normalize(text: str) -> str:
     return "".join(c for c in folded if not dropped(c))
 
 
-def contains(text: str, term: str) -> bool:
-    """Whether `term` occurs in `text` under the normalisation rule."""
-    return normalize(term) in normalize(text)
-
-
 def split_terms(answer: str, terms: list[str]) -> tuple[list[str], list[str]]:
     """(found, missing): which key terms an answer contains, in the order given, for per-row reports."""
     norm_answer = normalize(answer)

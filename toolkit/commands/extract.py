@@ -149,7 +149,8 @@ def main(argv: list[str]) -> int:
     if not tensors:
         raise ToolkitError(f"{run_dir}: the adapter has no tensors; is adapter_model.safetensors complete?")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with files.staged_file(path) as staged, files.staged_file(config_path) as staged_config:
+    with files.staged_file(path, replace=args.overwrite) as staged, \
+            files.staged_file(config_path, replace=args.overwrite) as staged_config:
         write_state_dict(tensors, staged, fmt)
         shutil.copyfile(run_dir / runs.ADAPTER_CONFIG, staged_config)
         problems = mismatches(tensors, read_state_dict(staged, fmt))

@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Break one behaviour at a time, in a copy of the repository, and run the tests against it: every break must turn
+the tests red. Prints, per break, the tests that failed (those that also fail without any break are left out).
+
+Not a test and not run by CI (pytest collects tests/ only): each break is a test run of its own. By default a break
+runs the test files that cover its area; --full runs the whole suite for every break.
+
+    python scripts/break_it.py                        # every break
+    python scripts/break_it.py --list                 # what each break changes
+    python scripts/break_it.py stop-tokens-emptied    # some breaks
+    python scripts/break_it.py --full warmup-zero     # the whole suite
+
+The checkout itself is never modified; each break edits a fresh copy under a temporary directory, found by exact
+text: a break whose text no longer occurs exactly once stops the script, so the list has to follow the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+IGNORED = shutil.ignore_patterns(".git", ".venv", "runs", ".toolkit-cache", "__pycache__", "*.egg-info",
+                                 ".pytest_cache", ".hypothesis")
+
+
+@dataclass(frozen=True)
+class Break:
+    name: str
+    what: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+BREAKS = [
+    Break("quantization-off", "to_bnb_config returns None: 8-bit/4-bit recipes train unquantized",
+          "toolkit/translate.py", '    """BitsAndBytesConfig for 8-bit/4-bit, None for no quantization."""\n',
+          '    """BitsAndBytesConfig for 8-bit/4-bit, None for no quantization."""\n    return None\n',
+          ("tests/test_sft.py", "tests/test_translate.py")),
+    Break("skip-modules-ignored", "quantization.skip_modules is not passed to bitsandbytes",
+          "toolkit/translate.py", "    skip = list(quantization.skip_modules) if quantization.skip_modules else None\n",
+          "    skip = None\n", ("tests/test_sft.py",)),
+    Break("resume-ignored", "--resume trains from scratch (the checkpoint path passed as None)",
+          "toolkit/trainer.py", "resume_from_checkpoint=str(resume_from) if resume_from else None",
+          "resume_from_checkpoint=None", ("tests/test_sft.py",)),
+    Break("compare-base-adapter-on", "eval --compare-base generates the base answers with the adapter on",
+          "toolkit/commands/eval.py", "        with model.disable_adapter():\n", "        if True:\n",
+          ("tests/test_eval.py",)),
+    Break("grouping-off", "group_by_length leaves the rows in their given order",
+          "toolkit/commands/sft.py", "    if not settings.group_by_length:\n", "    if True:\n",
+          ("tests/test_sft.py",)),
+    Break("grouping-full-sort", "the 8-batch window replaced by one sort over the whole stream",
+          "toolkit/batching.py", "    window = batch_size * window_batches\n", "    window = max(len(stream), 1)\n",
+          ("tests/test_batching.py", "tests/test_sft.py")),
+    Break("grouped-rows-shuffled", "the Trainer shuffles the grouped rows again (no sequential sampling)",
+          "toolkit/translate.py", '        kwargs["train_sampling_strategy"] = "sequential"\n',
+          '        kwargs["train_sampling_strategy"] = "random"\n', ("tests/test_sft.py", "tests/test_translate.py")),
+    Break("warmup-zero", "warmup never reaches the SFTConfig",
+          "toolkit/translate.py", "        warmup_steps=train.warmup_ratio,", "        warmup_steps=0,",
+          ("tests/test_translate.py",)),
+    Break("stop-tokens-emptied", "generation has no stop tokens (<|eot_id|> does not end an answer)",
+          "toolkit/generation.py", '    configured = getattr(model.generation_config, "eos_token_id", None)\n',
+          '    return []\n', ("tests/test_generate.py",)),
+    Break("fp32-master-weights-off", "bf16/fp16 training keeps the adapters in the base dtype",
+          "toolkit/lora.py", '    if precision not in ("bf16", "fp16") or strategy == "zero3":\n', "    if True:\n",
+          ("tests/test_lora.py",)),
+    Break("lora-inputs-upcast", "LoRA gets fp32 copies of its inputs under bf16 (PEFT's casting left on)",
+          "toolkit/lora.py", "active=mixed and not upcast_inputs", "active=False", ("tests/test_lora.py",)),
+    Break("lock-off", "any number of processes write one run directory",
+          "toolkit/files.py", "    path = folder / LOCK\n    key = str(path.resolve())\n",
+          "    return folder / LOCK\n    key = None\n", ("tests/test_locking.py",)),
+    Break("lock-file-blocks-forever", "a lock file left by a killed process is never taken over",
+          "toolkit/files.py", "os.O_CREAT | os.O_RDWR, 0o644", "os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644",
+          ("tests/test_locking.py",)),
+    Break("overwrite-anything", "--overwrite empties any directory, the toolkit's or not",
+          "toolkit/files.py", "    why = protected(folder)\n", "    return\n    why = protected(folder)\n",
+          ("tests/test_run_safety.py",)),
+    Break("diverged-run-saved", "a run whose loss or weights went NaN is saved as finished",
+          "toolkit/commands/sft.py", "    if guard.problem:\n", "    if False:\n", ("tests/test_run_safety.py",)),
+    Break("extract-overwrites", "extract --output replaces an existing file without --overwrite",
+          "toolkit/commands/extract.py", "        if not overwrite:\n", "        if False:\n",
+          ("tests/test_extract.py",)),
+    Break("special-tokens-from-data", "special-token text in a row becomes the special token",
+          "toolkit/encode.py", "split_special_tokens=as_text", "split_special_tokens=False",
+          ("tests/test_chat_format.py", "tests/test_properties.py")),
+    Break("errors-as-markup", "error messages are printed as rich markup",
+          "toolkit/cli.py", 'console.print(Text.assemble((label, "bold red"), " ", visible(message)), soft_wrap=True)',
+          'console.print(f"[bold red]{label}[/] {message}", soft_wrap=True)', ("tests/test_cli_errors.py",)),
+    Break("debug-ignored", "--debug shows no traceback",
+          "toolkit/cli.py", "    if debug:\n        traceback.print_exc()\n",
+          "    if False:\n        traceback.print_exc()\n", ("tests/test_cli_errors.py",)),
+    Break("json-directory-unchecked", "eval --json DIR is found out only after generating",
+          "toolkit/commands/eval.py", "    if json_path.is_dir():\n", "    if False:\n", ("tests/test_cli_errors.py",)),
+    Break("read-only-run-unchecked", "--resume checks the folder around a run, not the run directory itself",
+          "toolkit/runs.py", "    where = run_dir.resolve()\n", "    where = run_dir.resolve().parent\n",
+          ("tests/test_cli_errors.py",)),
+    Break("set-recursion", "a deeply nested --set value ends in a RecursionError",
+          "toolkit/recipe.py", "    except RecursionError:\n        raise ToolkitError(f\"--set",
+          "    except ZeroDivisionError:\n        raise ToolkitError(f\"--set", ("tests/test_recipe.py",)),
+    Break("infinite-settings", "recipes accept .inf and .nan",
+          "toolkit/recipe.py", "frozen=True, allow_inf_nan=False)", "frozen=True, allow_inf_nan=True)",
+          ("tests/test_recipe.py",)),
+    Break("skip-modules-unchecked", "quantization.skip_modules entries that match no layer pass validate",
+          "toolkit/modeling.py", "    if unmatched:\n", "    if False:\n", ("tests/test_sft.py",)),
+    Break("damaged-checkpoint-used", "--resume picks a checkpoint whose optimizer or scheduler file is damaged",
+          "toolkit/runs.py", "or damaged_archive(folder)", "or None", ("tests/test_sft.py",)),
+    Break("disk-full-unexplained", "a checkpoint that fills the disk ends in torch's own error",
+          "toolkit/runs.py", "        full = isinstance(err, Exception) and", "        full = False and",
+          ("tests/test_sft.py", "tests/test_cli_errors.py")),
+    Break("damaged-run-files-unexplained", "a damaged tokenizer or adapter config ends in a library's error",
+          "toolkit/runs.py", "    except (ValueError, KeyError, RuntimeError) as err:\n        if \"out of memory\"",
+          "    except ZeroDivisionError as err:\n        if \"out of memory\"", ("tests/test_run_safety.py",)),
+    Break("extract-clobbers-a-new-file", "a file created meanwhile at extract's --output is replaced",
+          "toolkit/files.py", "        if replace:\n            os.replace(temporary, path)\n",
+          "        if True:\n            os.replace(temporary, path)\n", ("tests/test_cli_errors.py",)),
+    Break("merge-clobbers-a-new-folder", "a folder filled meanwhile at merge's --output is replaced",
+          "toolkit/commands/merge.py", "    if files.entries(out) and not overwrite:\n", "    if False:\n",
+          ("tests/test_merge.py",)),
+    Break("private-results", "results are left with the temporary file's private permissions (0600)",
+          "toolkit/files.py", "    return (0o777 if directory else 0o666) & ~mask\n", "    return 0o600\n",
+          ("tests/test_cli_errors.py",)),
+    Break("eval-json-replaces-any-file", "eval --json overwrites a user's file",
+          "toolkit/commands/eval.py", "    if json_path.exists():\n", "    if False:\n", ("tests/test_cli_errors.py",)),
+    Break("lock-through-symlink", "the lock file is opened through a symbolic link (and truncates its target)",
+          "toolkit/files.py", "os.O_NOFOLLOW | os.O_CREAT | os.O_RDWR", "os.O_CREAT | os.O_RDWR",
+          ("tests/test_locking.py",)),
+    Break("answers-sent-raw", "generate streams control characters of an answer to the terminal",
+          "toolkit/commands/generate.py", "super().on_finalized_text(visible(text), stream_end)",
+          "super().on_finalized_text(text, stream_end)", ("tests/test_generate.py",)),
+]
+
+
+def make_copy(parent: Path, name: str) -> Path:
+    tree = parent / name
+    shutil.copytree(ROOT, tree, ignore=IGNORED)
+    return tree
+
+
+def apply(tree: Path, item: Break) -> None:
+    path = tree / item.path
+    text = path.read_text(encoding="utf-8")
+    found = text.count(item.old)
+    if found != 1:
+        raise SystemExit(f"{item.name}: the text to change occurs {found} times in {item.path}, not once; update "
+                         "the break to the current code")
+    path.write_text(text.replace(item.old, item.new), encoding="utf-8")
+
+
+def failing_tests(tree: Path, tests: list[str]) -> tuple[set[str], str]:
+    """The tests that fail or error in `tree` (its own toolkit package on the path), and pytest's last line."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *tests],
+                            cwd=tree, env=env, capture_output=True, text=True)
+    failed = set(re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", result.stdout, flags=re.MULTILINE))
+    summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
+    return failed, summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="breaks to run (default: all)")
+    parser.add_argument("--full", action="store_true", help="run the whole suite for each break")
+    parser.add_argument("--list", action="store_true", help="list the breaks and exit")
+    args = parser.parse_args()
+    chosen = [b for b in BREAKS if not args.names or b.name in args.names]
+    if args.list or not chosen:
+        for item in BREAKS:
+            print(f"{item.name:28} {item.path:28} {item.what}")
+        return 0 if chosen else 2
+    with tempfile.TemporaryDirectory(prefix="break-it-") as scratch:
+        scratch = Path(scratch)
+        files_run = sorted({t for b in chosen for t in b.tests}) if not args.full else []
+        already, summary = failing_tests(make_copy(scratch, "unbroken"), files_run)
+        print(f"without a break: {summary}" + (f"; failing already: {', '.join(sorted(already))}" if already else ""))
+        missed = []
+        for item in chosen:
+            tree = make_copy(scratch, item.name)
+            apply(tree, item)
+            failed, summary = failing_tests(tree, [] if args.full else list(item.tests))
+            caught = sorted(failed - already)
+            print(f"\n{item.name}: {item.what}\n  {summary}")
+            print("\n".join(f"  caught by {test}" for test in caught) or "  NOT CAUGHT")
+            if not caught:
+                missed.append(item.name)
+            shutil.rmtree(tree)
+    if missed:
+        print(f"\nnot caught: {', '.join(missed)}")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Every failure is one line naming the file and what to do (a traceback only with --debug), printed as plain
+text: paths and data never act as rich markup or terminal escape sequences."""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import logging
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_recipe
+from toolkit import cli, files
+from toolkit.cli import main
+from toolkit.errors import ToolkitError
+
+
+def output(capsys) -> tuple[str, str]:
+    captured = capsys.readouterr()
+    return captured.out.replace("\n", ""), captured.err
+
+
+@pytest.mark.parametrize("name", ["[bold]x[/bold]", "a[/]b", "[red]", "x[link=http://e.com]y"])
+def test_markup_in_a_path_is_printed_as_written(tmp_path, capsys, name):
+    path = tmp_path / name / "recipe.yaml"
+    assert main(["validate", str(path)]) == 2
+    out, err = output(capsys)
+    assert out == f"error: recipe not found: {path}" and "Traceback" not in err
+
+
+def test_escape_sequences_in_a_message_are_shown_not_sent(tmp_path, capsys):
+    path = tmp_path / "clear\x1b[2Jscreen\u202eevil" / "recipe.yaml"
+    assert main(["validate", str(path)]) == 2
+    out, _ = output(capsys)
+    assert "\x1b" not in out and "\u202e" not in out
+    assert out == f"error: recipe not found: {tmp_path}/clear\\x1b[2Jscreen\\u202eevil/recipe.yaml"
+
+
+@pytest.mark.parametrize("argv", [["--debug", "validate", "MISSING"], ["validate", "MISSING", "--debug"]])
+def test_debug_shows_the_traceback(tmp_path, capsys, argv):
+    missing = str(tmp_path / "missing.yaml")
+    assert main([missing if a == "MISSING" else a for a in argv]) == 2
+    out, err = output(capsys)
+    assert out == f"error: recipe not found: {missing}"
+    assert "Traceback (most recent call last)" in err and "ToolkitError: recipe not found" in err
+
+
+def failing_load_recipe(monkeypatch, error: BaseException) -> None:
+    def load_recipe(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(importlib.import_module("toolkit.commands.validate"), "load_recipe", load_recipe)
+
+
+def test_an_unexpected_error_is_one_line_that_points_at_debug(monkeypatch, capsys):
+    failing_load_recipe(monkeypatch, RuntimeError("boom\nsecond line"))
+    assert main(["validate", "r.yaml"]) == 1
+    out, err = output(capsys)
+    assert out == ("error: unexpected RuntimeError in toolkit validate: boom; run it again as toolkit --debug "
+                   "validate ... to see where, and report it")
+    assert err == ""
+    assert main(["--debug", "validate", "r.yaml"]) == 1
+    assert "RuntimeError: boom" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("code, strerror, advice", [
+    (errno.ENOSPC, "No space left on device",
+     "the disk is full: free space, then run the command again (an interrupted sft continues with --resume)"),
+    (errno.EROFS, "Read-only file system", "that file system is read-only: choose a writable location"),
+    (errno.EACCES, "Permission denied", "check the file's permissions or choose another location"),
+])
+def test_the_system_refusing_a_file_is_one_line_naming_it(monkeypatch, capsys, code, strerror, advice):
+    failing_load_recipe(monkeypatch, OSError(code, strerror, "/data/runs/x/optimizer.pt"))
+    assert main(["validate", "r.yaml"]) == 2
+    out, err = output(capsys)
+    assert out == f"error: /data/runs/x/optimizer.pt: {strerror}; {advice}" and err == ""
+
+
+def test_an_output_directory_that_is_a_file_is_refused(tmp_path, tiny_data, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine", encoding="utf-8")
+    recipe = tiny_recipe(tmp_path, {"train": tiny_data["train"]}, train={"max_steps": 1})
+    assert main(["sft", str(recipe), "--output-dir", str(taken)]) == 2
+    assert output(capsys)[0].endswith(f"error: run directory {taken} is a file; choose a directory")
+    assert taken.read_text(encoding="utf-8") == "mine"
+
+
+def test_eval_json_that_is_a_directory_fails_before_generating(tiny_run, tmp_path, capsys):
+    assert main(["eval", str(tiny_run), "--json", str(tmp_path)]) == 2
+    assert output(capsys)[0] == (f"error: cannot write the summary to {tmp_path}: it is a directory; give --json a "
+                                 f"file name, e.g. {tmp_path / 'eval.json'}")
+
+
+@pytest.fixture()
+def read_only():
+    """Make a folder refuse writes: chmod for ordinary users; root ignores file modes, so there a read-only bind
+    mount (needs the right to mount); otherwise the test is skipped."""
+    mounted = []
+
+    def make(folder: Path) -> Path:
+        folder.chmod(0o555)
+        if not files.writable(folder):
+            return folder
+        if shutil.which("mount") and subprocess.run(["mount", "--bind", str(folder), str(folder)],
+                                                    capture_output=True).returncode == 0:
+            mounted.append(folder)
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], capture_output=True, check=True)
+            if not files.writable(folder):
+                return folder
+        pytest.skip("running as root, which file modes do not stop, without the right to mount a read-only folder")
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def test_resume_on_a_read_only_run_directory_is_one_line(tmp_path, tiny_data, read_only, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    files.write_marker(run_dir, "run", complete=False)
+    recipe = tiny_recipe(tmp_path, {"train": tiny_data["train"]}, train={"max_steps": 1})
+    read_only(run_dir)
+    assert main(["sft", str(recipe), "--output-dir", str(run_dir), "--resume"]) == 2
+    assert output(capsys)[0].endswith(
+        f"error: cannot write the run directory {run_dir}: {run_dir} is not a writable directory (read-only disk or "
+        "no permission); make it writable or choose another --output-dir")
+
+
+def test_extract_merge_and_eval_into_a_read_only_folder_are_one_line(tiny_run, tmp_path, read_only, capsys):
+    (tmp_path / "ro").mkdir()
+    folder = read_only(tmp_path / "ro")
+    assert main(["extract", str(tiny_run), "--output", str(folder / "a.safetensors")]) == 2
+    assert output(capsys)[0] == f"error: cannot write {folder / 'a.safetensors'}: {folder} is not writable"
+    assert main(["merge", str(tiny_run), "--output", str(folder / "merged")]) == 2
+    assert output(capsys)[0] == f"error: --output {folder / 'merged'}: {folder} is not writable"
+    assert main(["eval", str(tiny_run), "--json", str(folder / "eval.json")]) == 2
+    assert output(capsys)[0] == (f"error: cannot write the summary to {folder / 'eval.json'}: folder {folder} is not "
+                                 "writable; choose another --json")
+
+
+def test_known_library_noise_is_hidden_and_nothing_else():
+    cli.hide_known_noise()
+    for name, prefix in cli.NOISY_LOGGERS.items():
+        logger = logging.getLogger(name)
+        assert not logger.filter(logger.makeRecord(name, logging.WARNING, "f", 1, prefix + " details", (), None))
+        assert logger.filter(logger.makeRecord(name, logging.WARNING, "f", 1, "something else went wrong", (), None))
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        cli.hide_known_noise()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
+                      UserWarning)
+        warnings.warn("some other deprecation", FutureWarning)
+    assert [str(w.message) for w in shown] == [
+        "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
+        "some other deprecation"]
+
+
+def test_a_full_disk_reported_inside_a_library_error_is_one_line(monkeypatch, capsys):
+    failing_load_recipe(monkeypatch, RuntimeError("Error while serializing: I/O error: No space left on device (os "
+                                                  "error 28)"))
+    assert main(["validate", "r.yaml"]) == 2
+    assert output(capsys)[0] == ("error: Error while serializing: I/O error: No space left on device (os error 28); "
+                                 "the disk is full: free space, then run the command again")
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--tolerance", "nan"], "argument --tolerance: must be a positive number, got nan"),
+    (["--tolerance", "-1"], "argument --tolerance: must be a positive number, got -1"),
+    (["--max-shard-size", "abc"], "argument --max-shard-size: give a size such as 500MB or 5GB, got 'abc'"),
+])
+def test_merge_options_that_cannot_work_are_refused_before_merging(tiny_run, tmp_path, capsys, option, message):
+    assert main(["merge", str(tiny_run), "--output", str(tmp_path / "m"), *option]) == 2
+    assert f"toolkit merge: error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_an_empty_run_directory_name_is_refused(tmp_path, tiny_data, capsys):
+    recipe = tiny_recipe(tmp_path, {"train": tiny_data["train"]})
+    assert main(["sft", str(recipe), "--output-dir", ""]) == 2
+    assert output(capsys)[0] == "error: --output-dir is empty; give the run directory"
+    assert main(["validate", str(recipe), "--set", "output_dir="]) == 2
+    assert output(capsys)[0] == (f"error: {recipe} has 1 problem(s):  - output_dir: give a directory, or leave "
+                                 "output_dir out for runs/<recipe file name>")
+
+
+def test_a_file_that_appears_while_being_written_is_never_replaced(tmp_path):
+    target = tmp_path / "adapter.safetensors"
+    with pytest.raises(ToolkitError) as err:
+        with files.staged_file(target, replace=False) as staged:
+            staged.write_bytes(b"ours")
+            target.write_bytes(b"another process's")
+    assert str(err.value) == f"{target} appeared while this command wrote it (another process?); it was left as it is"
+    assert target.read_bytes() == b"another process's" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_results_are_as_readable_as_a_plainly_written_file(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        files.write_text_atomic(tmp_path / "metrics.json", "{}")
+        with files.staged_file(tmp_path / "adapter.pt") as staged:
+            staged.write_bytes(b"x")
+    finally:
+        os.umask(previous)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"metrics.json": 0o644,
+                                                                              "adapter.pt": 0o644}
+
+
+def test_eval_json_never_replaces_a_users_file(tiny_run, tmp_path, capsys):
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "notes"}', encoding="utf-8")
+    assert main(["eval", str(tiny_run), "--json", str(mine)]) == 2
+    assert output(capsys)[0] == (f"error: --json {mine} exists and is not an eval summary; eval only replaces its "
+                                 "own. Choose another file")
+    assert mine.read_text(encoding="utf-8") == '{"my": "notes"}'
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_answer_length_is_bounded(command, capsys):
+    extra = ["question"] if command == "generate" else []
+    assert main([command, "runs/x", *extra, "--max-new-tokens", "100000"]) == 2
+    assert "at most 8192 new tokens per answer, got 100000" in capsys.readouterr().err
