@@ -9,9 +9,11 @@ from toolkit.commands.bench import (
     lora_flops_per_token,
     parse_setup,
     peak_flops,
+    split_bench_overrides,
     step_tokens,
     summarize,
     text_params_per_token,
+    warmup_batches,
 )
 from toolkit.errors import ToolkitError
 
@@ -35,7 +37,7 @@ def test_tokens_per_optimizer_step_sum_micro_batches():
     assert step_tokens(records, grad_accum=2) == [(22, 32), (61, 64)]
 
 
-def test_summary_excludes_warmup_and_reports_mfu():
+def test_summary_excludes_warmup_and_reports_mfu_and_spread():
     times = [5.0, 1.0, 2.0, 1.0]
     tokens = [(999, 999), (100, 200), (300, 400), (100, 200)]
     result = summarize(times, tokens, warmup=1, flops_per_token=1e9, peak=1e12)
@@ -45,8 +47,19 @@ def test_summary_excludes_warmup_and_reports_mfu():
     assert result["pad_efficiency"] == pytest.approx(500 / 800)
     assert result["median_step_s"] == 1.0
     assert result["mfu"] == pytest.approx(125 * 1e9 / 1e12)
+    assert (result["real_tok_s_min"], result["real_tok_s_median"], result["real_tok_s_max"]) == (100, 100, 150)
     with pytest.raises(ToolkitError):
         summarize(times, tokens, warmup=4, flops_per_token=1.0, peak=None)
+
+
+def test_warmup_replays_the_longest_and_shortest_batch_and_both_residues():
+    lengths = [100, 120, 370, 200, 250, 90]  # padded to 8: 104, 120, 376, 200, 256, 96
+    batches = [[0], [1], [2], [3], [4], [5]]
+    picked = warmup_batches(batches, lengths, 3, multiple=8)
+    assert picked[:2] == [2, 5]  # longest (376), shortest (96)
+    assert {(-(-lengths[b] // 8) * 8) % 16 for b in picked} == {0, 8}
+    assert warmup_batches(batches, lengths, 8, multiple=8)[6:] == picked[:2]  # more than there are: repeats
+    assert warmup_batches(batches, lengths, 0, multiple=8) == []
 
 
 def test_peak_flops_by_gpu_name():
@@ -59,5 +72,35 @@ def test_setups():
     label, overrides = parse_setup("fast: train.batch_size=32 quantization.mode=4bit")
     assert label == "fast" and overrides == ["train.batch_size=32", "quantization.mode=4bit"]
     assert "bench.pad_to=512" in parse_setup("original")[1]
+    assert parse_setup("original: bench.steps=5")[1][-1] == "bench.steps=5"
+    label, overrides = parse_setup("b24@before: train.batch_size=24")
+    assert overrides == ["train.fused_lora=false", "quantization.int8_matmul=int8", "train.token_metrics=true",
+                         "train.batch_size=24"]
     with pytest.raises(ToolkitError):
         parse_setup("train.batch_size=32")
+
+
+def test_bench_keys_are_checked():
+    assert split_bench_overrides(["bench.steps=5", "train.batch_size=2"]) == (["train.batch_size=2"], {"steps": 5})
+    with pytest.raises(ToolkitError, match="bench.pad_to"):
+        split_bench_overrides(["bench.stepz=5"])
+
+
+def test_bench_measures_a_recipe_on_cpu(tmp_path, tiny_data):
+    """Two setups in this process: per-step spread, warm-up shapes, losses and the fused layers in the JSON."""
+    import json
+
+    from tests.conftest import tiny_recipe
+    from toolkit.cli import main
+
+    recipe = tiny_recipe(tmp_path, tiny_data, train={"batch_size": 2, "group_by_length": True})
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(recipe), "--steps", "2", "--warmup", "1", "--lengths", "20:40", "--losses",
+                 "--isolation", "none", "--json", str(out), "--compare", "plain@before: lora.upcast_inputs=true"]) == 0
+    plain, fast = json.loads(out.read_text(encoding="utf-8"))["results"]
+    assert plain["fused_layers"] == {"lora": 0, "int8": 0} and fast["fused_layers"]["lora"] == 16
+    for result in (plain, fast):
+        assert result["measured_steps"] == 2 and len(result["step_s"]) == 2 and len(result["losses"]) == 3
+        assert result["real_tok_s_min"] <= result["real_tok_s_median"] <= result["real_tok_s_max"]
+        assert result["warmup_lengths"] == [result["longest_padded"]]
+    assert fast["losses"] == pytest.approx(plain["losses"], rel=1e-4)  # same batches, same learning

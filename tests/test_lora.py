@@ -25,6 +25,15 @@ def test_default_scope_is_the_language_model_only(tiny_meta_model):
     assert sorted({lora.part_of(m) for m in matched}) == ["cross-attention", "self-attention"]
 
 
+def test_a_cross_attention_layers_mlp_counts_as_cross_attention(tiny_meta_model):
+    """Mllama skips a cross-attention decoder layer whole for text rows, its MLP too (layer 2 of 4 here)."""
+    cross = lora.cross_attention_layers(tiny_meta_model.config)
+    matched = placement(tiny_meta_model, targets=["gate_proj"])
+    assert cross == {2} and len(matched) == 4
+    assert {m: lora.part_of(m, cross) for m in matched} == {
+        f"model.language_model.layers.{i}.mlp.gate_proj": "cross-attention" if i == 2 else "mlp" for i in range(4)}
+
+
 def test_scope_all_reaches_the_vision_tower(tiny_meta_model):
     matched = placement(tiny_meta_model, scope="all")
     assert len(matched) > 16 and any(lora.part_of(m) == "vision" for m in matched)

@@ -7,12 +7,14 @@ meta model in `validate` and on the loaded model in `sft`, so what the toolkit r
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from contextlib import contextmanager
 
 from toolkit.errors import ToolkitError
 
 VISION_MARKERS = ("vision_model", "multi_modal_projector")
+LAYER_INDEX = re.compile(r"language_model\.(?:model\.)?layers\.(\d+)\.")
 PARTS = ("self-attention", "cross-attention", "mlp", "vision", "embedding", "other")
 LLAMA_NAMES_HINT = "typical Llama names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
 
@@ -44,13 +46,24 @@ def to_lora_config(lora):
     )
 
 
-def part_of(module_name: str) -> str:
-    """Which part of the model a module belongs to, for placement reports and scope checks."""
+def cross_attention_layers(config) -> frozenset[int]:
+    """Indices of the language model's cross-attention decoder layers (Mllama; empty for a text-only Llama)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return frozenset(getattr(text, "cross_attention_layers", None) or ())
+
+
+def part_of(module_name: str, cross_layers: frozenset[int] = frozenset()) -> str:
+    """Which part of the model a module belongs to, for placement reports and scope checks.
+
+    A cross-attention decoder layer counts whole as "cross-attention", its MLP included: Mllama skips the entire
+    layer for rows without an image, so none of its adapters can learn from text rows.
+    """
     if any(marker in module_name for marker in VISION_MARKERS):
         return "vision"
     if "embed_tokens" in module_name:
         return "embedding"
-    if "cross_attn" in module_name:
+    layer = LAYER_INDEX.search(module_name)
+    if "cross_attn" in module_name or (layer and int(layer.group(1)) in cross_layers):
         return "cross-attention"
     if "self_attn" in module_name:
         return "self-attention"
@@ -106,10 +119,11 @@ def resolve_targets(model, lora_section) -> list[str]:
 
 def trainable_by_part(model) -> Counter:
     """Trainable parameter counts per part (self-attention, cross-attention, MLP, vision, ...)."""
+    cross = cross_attention_layers(model.config)
     counts: Counter = Counter()
     for name, param in model.named_parameters():
         if param.requires_grad:
-            counts[part_of(name)] += param.numel()
+            counts[part_of(name, cross)] += param.numel()
     return counts
 
 

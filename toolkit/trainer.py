@@ -7,11 +7,12 @@ that show progress and stop a diverging run.
 
 from __future__ import annotations
 
+import functools
 import math
 
 from transformers import TrainerCallback
 
-from toolkit import distributed, lora, modeling
+from toolkit import distributed, fastlora, lora, modeling
 from toolkit.report import progress_bar
 from toolkit.translate import to_sft_config
 
@@ -22,29 +23,87 @@ def build_trainer(recipe, *, precision: str, device, tokenizer, train_dataset, o
 
     `config_overrides` replace SFTConfig arguments (bench turns checkpoints off this way).
     """
+    from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
-    from trl import SFTTrainer
 
+    set_seed(recipe.train.seed)  # LoRA's A matrices are drawn when TRL wraps the model: same start on every run
     model = modeling.load_model(recipe, precision, device)
     args = to_sft_config(recipe.train, precision, device, output_dir, eval_dataset is not None,
                          distributed.world_size(), strategy, **config_overrides)
     try:
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                             processing_class=tokenizer, peft_config=lora.to_lora_config(recipe.lora),
-                             callbacks=list(callbacks), data_collator=data_collator)
+        trainer = sft_trainer_class()(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                      processing_class=tokenizer, peft_config=lora.to_lora_config(recipe.lora),
+                                      callbacks=list(callbacks), data_collator=data_collator)
     except ValueError as err:
         if "not found in the base model" in str(err):
             raise lora.no_match_error(recipe.lora) from None
         raise
+    trainer.token_metrics = recipe.train.token_metrics
     trainer.remove_callback(PrinterCallback)  # the rich bar shows progress; raw log dicts would only add noise
     modules = lora.check_scope(lora.targeted_modules(trainer.model), recipe.lora)
     return trainer, modules
 
 
 def run_training(trainer, recipe, precision: str, strategy: str = "ddp", resume_from=None):
-    """`trainer.train()` with the adapters set up for mixed precision (see `toolkit.lora.training_casts`)."""
-    with lora.training_casts(trainer.model, precision, recipe.lora.upcast_inputs, strategy):
+    """`trainer.train()` with the adapters set up for mixed precision (see `toolkit.lora.training_casts`) and, as
+    the recipe says, LoRA and 8-bit layers run by `toolkit.fastlora`. Under FSDP and ZeRO-3 the weights those
+    functions read are sharded, so PEFT's and bitsandbytes' own layers run there; `lora.upcast_inputs` asks for
+    PEFT's casting, which only PEFT's layers do."""
+    replicated = strategy == "ddp"
+    fused = dict(lora=replicated and recipe.train.fused_lora and not recipe.lora.upcast_inputs,
+                 int8_dequantize=replicated and recipe.quantization.int8_matmul == "dequantize")
+    with lora.training_casts(trainer.model, precision, recipe.lora.upcast_inputs, strategy), \
+            fastlora.fused_layers(trainer.model, **fused) as counts:
+        trainer.fused_counts = counts
         return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+
+def lean_loss(trainer, model, inputs, num_items_in_batch=None):
+    """The loss TRL's `SFTTrainer.compute_loss` computes (mean negative log-likelihood of the completion tokens,
+    through TRL's fused LM head), without its entropy and token-accuracy metrics.
+
+    TRL turns both metrics, and a token count, into Python values on every micro-batch (three `.item()` calls and
+    two tensors tested in an `if`): five device syncs, each a wait for the GPU to finish the forward pass before
+    the CPU can queue the backward pass (12.5 syncs per step against 7.5 without, in docs/benchmarks.md's profile). The loss itself is TRL's arithmetic, line for line; a
+    recipe that wants the metrics sets `train.token_metrics: true` and gets TRL's own `compute_loss`.
+    """
+    import torch
+
+    inputs["use_cache"] = False
+    outputs = model(**inputs, fused_lm_head=True)
+    tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+    loss = -outputs.log_probs.sum() / torch.as_tensor(tokens).clamp(min=1)
+    if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
+        loss = loss * trainer.accelerator.num_processes  # as TRL: DDP averages gradients over processes
+    return loss
+
+
+@functools.cache
+def sft_trainer_class():
+    """TRL's SFTTrainer with the per-step token metrics made optional (`train.token_metrics`) and profiler labels
+    on the parts of a step (`toolkit.profiling` reads them)."""
+    from torch.profiler import record_function
+    from trl import SFTTrainer
+
+    class ToolkitSFTTrainer(SFTTrainer):
+        token_metrics = True
+
+        def lean_loss_applies(self, return_outputs: bool) -> bool:
+            return not (self.token_metrics or return_outputs or not self.model.training
+                        or self.args.loss_type != "nll" or self.aux_loss_enabled
+                        or self.compute_loss_func is not None or self.label_smoother is not None)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            with record_function("toolkit: forward + loss"):
+                if self.lean_loss_applies(return_outputs):
+                    return lean_loss(self, model, inputs, num_items_in_batch)
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def training_step(self, *args, **kwargs):
+            with record_function("toolkit: forward + loss + backward"):
+                return super().training_step(*args, **kwargs)
+
+    return ToolkitSFTTrainer
 
 
 class RichProgressCallback(TrainerCallback):

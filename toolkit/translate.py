@@ -99,7 +99,7 @@ def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_
         save_total_limit=train.save_total_limit,
         eval_strategy="steps" if has_eval and train.eval_steps else "no",
         eval_steps=train.eval_steps,
-        report_to="none",
+        report_to=train.report_to,  # the Trainer reports; toolkit.trackers checked the packages first
         disable_tqdm=True,
         dataset_num_proc=None,
         use_liger_kernel=train.liger_kernel,
@@ -123,4 +123,7 @@ def to_sft_config(train, precision: str, device: Accelerator, output_dir: str, h
     if "train_sampling_strategy" in kwargs and "train_sampling_strategy" not in known:
         kwargs.pop("train_sampling_strategy")  # older transformers: fall back to its own (coarser) length grouping
         kwargs["group_by_length"] = True
+    if "activation_checkpointing" in known and "gradient_checkpointing" in kwargs:
+        # transformers renamed it; the old name still works but warns on every run
+        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
     return SFTConfig(**kwargs)

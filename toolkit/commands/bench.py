@@ -1,9 +1,21 @@
-"""`toolkit bench RECIPE`: real training steps of a recipe's setup, measured.
+"""`toolkit bench RECIPE`: real training steps of a recipe's setup, measured so that repeated runs agree.
 
-Reports real (non-pad) tokens/s, padded tokens/s, median step time, MFU and peak GPU memory for the recipe and for
-any `--compare` setups, in one process on the same rows, so results read as ratios. Training goes through the same
-translators and SFTTrainer as `toolkit sft`; only the data is synthetic (token ids with a chosen length
-distribution), because speed does not depend on which tokens they are.
+Reports real (non-pad) tokens/s with its spread over steps (min / median / max), padded tokens/s, MFU and peak GPU
+memory for the recipe and any `--compare` setups, on the same rows, so results read as ratios. Training goes
+through the same translators and trainer as `toolkit sft`; only the data is synthetic (token ids with a chosen
+length distribution), because speed does not depend on which tokens they are.
+
+What keeps the numbers still (docs/benchmarks.md shows the effect):
+- every setup runs in its own process (`--isolation process`), so nothing one setup leaves behind (Liger's patches
+  of transformers' classes, allocator state, compiled kernels) reaches the next, and the order of setups does not
+  matter;
+- the batches are fixed by the bench, not drawn by the Trainer: the same rows in the same batches for every setup
+  with the same batch size;
+- the warm-up steps replay measured batches that cover every shape class the measured steps meet (the longest
+  batch, for the allocator's high-water mark, the shortest, and padded lengths of each residue mod 16, which is
+  what Triton specializes its kernels on), so no compilation or autotuning falls into a measured step;
+- step times come from CUDA events recorded at each step's end, so measuring adds no device synchronization;
+- 30 measured steps by default: one step's tokens vary with its rows' lengths, a sum over many does not.
 """
 
 from __future__ import annotations
@@ -15,12 +27,13 @@ import random
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from toolkit import builtin, modeling, trainer
+from toolkit import builtin, memory, modeling, trainer, vision
 from toolkit.batching import length_grouped_order
 from toolkit.errors import ToolkitError
 from toolkit.prepare import check_kernels
@@ -30,23 +43,30 @@ from toolkit.translate import resolve_precision
 
 FULL_SIZE_CONFIG = "assets/llama-3.2-11b-vision-instruct.config.json"
 RANDOM_WEIGHTS_NAME = "random-llama-3.2-11b-vision"
+SHAPE_RESIDUE = 16  # Triton specializes integer kernel arguments on divisibility by 16
 
-# The original example: 8-bit, every row padded to 512, batch 2 x 2, gradient checkpointing, LoRA q,k,v,o in both
-# towers. (It also says fp16, which crashes with current TRL; precision stays auto here.)
+# The original example: 8-bit (bitsandbytes' LLM.int8() matmul), every row padded to 512, batch 2 x 2, gradient
+# checkpointing, LoRA q,k,v,o in both towers through PEFT's own layers. (It also says fp16, which crashes with
+# current TRL; precision stays auto here.)
 NAMED_SETUPS = {
     "original": [
         "quantization.mode=8bit",
+        "quantization.int8_matmul=int8",
         "train.batch_size=2",
         "train.grad_accum=2",
         "train.gradient_checkpointing=true",
         "train.group_by_length=false",
         "train.liger_kernel=false",
+        "train.fused_lora=false",
+        "train.token_metrics=true",
         "train.max_seq_length=512",
         "lora.scope=all",
         "lora.targets=[q_proj,k_proj,v_proj,o_proj]",
         "bench.pad_to=512",
     ]
 }
+# What a setup ran like before the fast paths: PEFT's layers, LLM.int8() matmuls, TRL's per-step metrics.
+BEFORE_FAST_PATHS = ["train.fused_lora=false", "quantization.int8_matmul=int8", "train.token_metrics=true"]
 
 # Dense bf16 tensor-core peak per GPU (vendor datasheets, FLOP/s), for MFU.
 PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.05e12, "A10": 125e12}
@@ -96,53 +116,104 @@ def step_tokens(records: list[tuple[int, int]], grad_accum: int) -> list[tuple[i
 
 def summarize(step_times: list[float], tokens: list[tuple[int, int]], warmup: int, flops_per_token: float,
               peak: float | None) -> dict:
-    """Throughput over the measured (post-warm-up) steps: total tokens / total time; median step time."""
+    """Throughput over the measured (post-warm-up) steps: total tokens / total time, the spread of per-step real
+    tokens/s (min, median, max), and the median step time."""
     times = step_times[warmup:]
     measured = tokens[warmup : warmup + len(times)]
+    times = times[: len(measured)]
     if not times or not measured:
-        raise ToolkitError("no measured steps: raise --steps above --warmup")
+        raise ToolkitError("no measured steps: raise --steps above 0")
     seconds = sum(times)
     real = sum(r for r, _ in measured)
     padded = sum(p for _, p in measured)
     real_rate = real / seconds
+    per_step = sorted(r / t for (r, _), t in zip(measured, times))
     return {
         "measured_steps": len(times),
         "median_step_s": statistics.median(times),
         "real_tok_s": real_rate,
+        "real_tok_s_min": per_step[0],
+        "real_tok_s_median": statistics.median(per_step),
+        "real_tok_s_max": per_step[-1],
         "padded_tok_s": padded / seconds,
         "pad_efficiency": real / padded if padded else None,
         "mfu": real_rate * flops_per_token / peak if peak else None,
     }
 
 
+def padded_length(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def warmup_batches(batches: list[list[int]], lengths: list[int], count: int, multiple: int) -> list[int]:
+    """Indices of measured batches to replay first: the longest (the allocator's high-water mark), the shortest,
+    then one of each padded length residue mod 16 not yet covered, then the longest others; `count` in all."""
+    if count <= 0 or not batches:
+        return []
+    longest = [padded_length(max(lengths[i] for i in batch), multiple) for batch in batches]
+    order = sorted(range(len(batches)), key=lambda b: -longest[b])
+    chosen = [order[0], order[-1]]
+    residues = {longest[b] % SHAPE_RESIDUE for b in chosen}
+    for b in order:
+        if longest[b] % SHAPE_RESIDUE not in residues:
+            chosen.append(b)
+            residues.add(longest[b] % SHAPE_RESIDUE)
+    chosen += [b for b in order if b not in chosen]
+    picked = list(dict.fromkeys(chosen))[:count]
+    return picked + [picked[i % len(picked)] for i in range(count - len(picked))]
+
+
+def bench_order(lengths: list[int], batch_size: int, grouped: bool, seed: int) -> list[int]:
+    """The row order of the measured steps: length-grouped as `toolkit sft` orders rows, or shuffled."""
+    if grouped:
+        return length_grouped_order(lengths, batch_size, 1, seed)
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    return order
+
+
 # ---- measurement ----
 
 
 class StepClock(TrainerCallback):
-    """Wall time of every optimizer step, synchronised with the GPU so queued kernels are counted."""
+    """The time of every optimizer step, from CUDA events recorded at each step's end (read once training is
+    over, so measuring adds no synchronization), or from the host clock on CPU; and the weights' memory."""
 
     def __init__(self):
-        self.times: list[float] = []
-        self._last = None
+        self.marks: list = []
+        self.weights_gib = None
 
-    def _now(self) -> float:
+    def _mark(self):
         import torch
 
         if torch.cuda.is_available():
-            torch.cuda.synchronize()
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
         return time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._last = self._now()
+        import torch
+
+        if torch.cuda.is_available():
+            self.weights_gib = torch.cuda.memory_allocated() / 2**30
+        self.marks = [self._mark()]
 
     def on_step_end(self, args, state, control, **kwargs):
-        now = self._now()
-        self.times.append(now - self._last)
-        self._last = now
+        self.marks.append(self._mark())
+
+    @property
+    def times(self) -> list[float]:
+        import torch
+
+        if self.marks and not isinstance(self.marks[0], float):
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
 class CountingCollator:
-    """Wraps TRL's collator (unchanged) to count real and padded tokens of each micro-batch it builds."""
+    """Wraps the trainer's collator (unchanged) to count real and padded tokens of each micro-batch it builds."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -156,10 +227,8 @@ class CountingCollator:
         return batch
 
 
-def synthetic_rows(lengths: list[int], token_limit: int, seed: int, prompt_share: float = 0.4):
+def synthetic_rows(lengths: list[int], token_limit: int, seed: int, prompt_share: float = 0.4) -> list[dict]:
     """Pre-tokenized rows of the given lengths; the first `prompt_share` of each is prompt (no loss)."""
-    from datasets import Dataset
-
     rng = random.Random(seed)
     rows = []
     for n in lengths:
@@ -168,7 +237,7 @@ def synthetic_rows(lengths: list[int], token_limit: int, seed: int, prompt_share
             "input_ids": [rng.randrange(token_limit) for _ in range(n)],
             "completion_mask": [0] * prompt + [1] * (n - prompt),
         })
-    return Dataset.from_list(rows)
+    return rows
 
 
 def parse_lengths(text: str) -> tuple[int, int]:
@@ -215,9 +284,52 @@ def random_weights_checkpoint() -> Path:
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    # Any tokenizer with Llama 3's special tokens serves for synthetic rows: the built-in one.
-    AutoTokenizer.from_pretrained(builtin.ensure_builtin("builtin:tiny-mllama")).save_pretrained(target)
+    # Any tokenizer with Llama 3's special tokens serves for synthetic rows: the built-in one; the image processor
+    # is Llama 3.2 Vision's (560-pixel tiles, up to the config's tile count).
+    tokenizer = AutoTokenizer.from_pretrained(builtin.ensure_builtin("builtin:tiny-mllama"))
+    tokenizer.save_pretrained(target)
+    full_size_processor(tokenizer).save_pretrained(target)
     return target
+
+
+def full_size_processor(tokenizer):
+    from transformers import MllamaProcessor
+
+    tiles = full_size_config().vision_config
+    image_processor = type(builtin.image_processor())(
+        size={"height": tiles.image_size, "width": tiles.image_size}, max_image_tiles=tiles.max_num_tiles,
+        image_mean=builtin.IMAGE_MEAN, image_std=builtin.IMAGE_STD)
+    return MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=builtin.chat_template())
+
+
+def tile_grid(tiles: int) -> tuple[int, int]:
+    """(columns, rows) of the most square grid of `tiles` tiles."""
+    rows = max(r for r in range(1, int(tiles**0.5) + 1) if tiles % r == 0)
+    return tiles // rows, rows
+
+
+def synthetic_image(folder: Path, tiles: int, tile_size: int) -> Path:
+    """A noise image exactly `tiles` tiles in size (no resizing needed), for image-row timing."""
+    import numpy as np
+    from PIL import Image
+
+    columns, rows = tile_grid(tiles)
+    pixels = np.random.default_rng(0).integers(0, 256, (rows * tile_size, columns * tile_size, 3), dtype=np.uint8)
+    path = folder / f"noise-{tiles}-tiles.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def with_images(rows: list[dict], image: Path, image_token_id: int) -> list[dict]:
+    """Every row given the image, its `<|image|>` token just after the first token (in the prompt, as a user turn
+    would put it)."""
+    return [{**row, "input_ids": row["input_ids"][:1] + [image_token_id] + row["input_ids"][2:],
+             "image_paths": [str(image)]} for row in rows]
+
+
+BENCH_KEYS = {"pad_to": "pad every micro-batch to a multiple of this", "steps": "measured steps of this setup",
+              "profile": "1: profile 2 steps after the measured ones",
+              "image_tiles": "give every row one image that fills this many tiles (vision models)"}
 
 
 def split_bench_overrides(overrides: list[str]) -> tuple[list[str], dict]:
@@ -226,59 +338,152 @@ def split_bench_overrides(overrides: list[str]) -> tuple[list[str], dict]:
     for item in overrides:
         key, _, value = item.partition("=")
         if key.startswith("bench."):
-            bench[key.removeprefix("bench.")] = int(value)
+            name = key.removeprefix("bench.")
+            if name not in BENCH_KEYS or not value.isdigit():
+                raise ToolkitError(f"{item}: bench keys take a whole number: "
+                                   + ", ".join(f"bench.{k} ({v})" for k, v in BENCH_KEYS.items()))
+            bench[name] = int(value)
         else:
             recipe_part.append(item)
     return recipe_part, bench
 
 
 def parse_setup(text: str) -> tuple[str, list[str]]:
-    """`original`, or `LABEL: key=value key=value ...` (overrides applied to the benchmarked recipe)."""
-    if text in NAMED_SETUPS:
-        return text, NAMED_SETUPS[text]
+    """`original`, or `LABEL: key=value key=value ...` (overrides applied to the benchmarked recipe). A named
+    setup's label takes its overrides first (`original: bench.steps=5`); a label ending in `@before` takes
+    BEFORE_FAST_PATHS first: the same setup as it ran before the fast paths."""
     label, sep, rest = text.partition(":")
+    label = label.strip()
+    if label in NAMED_SETUPS:
+        return label, NAMED_SETUPS[label] + rest.split()
     if not sep:
         raise ToolkitError(f"--compare expects 'original' or 'LABEL: key=value ...', got '{text}'")
-    return label.strip(), rest.split()
+    extra = BEFORE_FAST_PATHS if label.endswith("@before") else []
+    return label, extra + rest.split()
 
 
-def measure(recipe, bench_opts: dict, lengths: list[int], steps: int, warmup: int) -> dict:
-    """Train `warmup + steps` optimizer steps of this recipe on synthetic rows and measure them."""
+def with_auto_batch(recipe, config, low: int, high: int, precision: str):
+    """`train.batch_size: auto` sized for rows up to `high` tokens, as `toolkit sft` sizes it for its rows."""
+    sizing = sample_lengths(1000, low, high, seed=0) + [high]
+    return memory.resolve_batch_size(recipe, config, sizing, precision)
+
+
+def predicted_peak_gib(recipe, config, precision: str, longest: int) -> float:
+    setup = memory.Setup.from_recipe(recipe, precision)
+    text = config.get_text_config()
+    weights = memory.weight_bytes(modeling.meta_model(config), setup)
+    rows = recipe.train.batch_size * longest * memory.activation_bytes_per_token(text, setup)
+    return (weights + rows + memory.RESERVE_BYTES) / memory.GIB
+
+
+@dataclass
+class Schedule:
+    """The batches a setup trains, in order: warm-up replays, the measured batches, then any profiled ones."""
+
+    lengths: list[int]  # row lengths in tokens; batches hold indices into it
+    batches: list[list[int]]  # the measured micro-batches
+    replay: list[int]  # indices of measured batches replayed as warm-up
+    profiled: list[list[int]]
+    multiple: int  # the collator pads each micro-batch to a multiple of this
+
+    def padded(self, batch: list[int]) -> int:
+        return padded_length(max(self.lengths[i] for i in batch), self.multiple)
+
+    def row_lengths(self) -> list[int]:
+        order = [self.batches[b] for b in self.replay] + self.batches + self.profiled
+        return [self.lengths[i] for batch in order for i in batch]
+
+
+def schedule(train, low: int, high: int, steps: int, warmup: int, profile_steps: int, multiple: int) -> Schedule:
+    per_micro = train.batch_size
+    lengths = sample_lengths(per_micro * train.grad_accum * steps, low, high, seed=0)
+    order = bench_order(lengths, per_micro, train.group_by_length, train.seed)
+    batches = [order[i : i + per_micro] for i in range(0, len(order), per_micro)]
+    replay = warmup_batches(batches, lengths, warmup * train.grad_accum, multiple)
+    profiled = [batches[i % len(batches)] for i in range(profile_steps * train.grad_accum)]
+    return Schedule(lengths, batches, replay, profiled, multiple)
+
+
+def memory_fields(device, clock: StepClock, recipe, config, precision: str, plan: Schedule) -> dict:
     import torch
+
+    longest = max(plan.padded(batch) for batch in plan.batches)
+    return {
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.cuda else None,
+        "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device.cuda else None,
+        "weights_gib": clock.weights_gib,
+        "predicted_peak_gib": predicted_peak_gib(recipe, config, precision, longest),
+        "longest_padded": longest,
+    }
+
+
+def measure(recipe, bench_opts: dict, low: int, high: int, steps: int, warmup: int, profile: bool = False,
+            log_losses: bool = False) -> dict:
+    """Train `warmup + steps` optimizer steps of this recipe on synthetic rows and measure the last `steps`."""
+    import torch
+    from datasets import Dataset
 
     device = modeling.detect_accelerator()
     precision = resolve_precision(recipe.train.precision, device)
     check_kernels(recipe.train, device)
     config = modeling.load_config(recipe.model.name, recipe.model.revision)
     tokenizer = modeling.load_tokenizer(recipe.model.name, recipe.model.revision)
-    per_step = recipe.train.batch_size * recipe.train.grad_accum
-    lengths = lengths[: per_step * (steps + warmup)]
-    if recipe.train.group_by_length:
-        lengths = [lengths[i] for i in length_grouped_order(lengths, recipe.train.batch_size, 1, recipe.train.seed)]
-    rows = synthetic_rows(lengths, min(len(tokenizer), 4000), recipe.train.seed)
-    train = recipe.train.model_copy(update={"max_steps": steps + warmup, "logging_steps": 10**6})
+    recipe, _ = with_auto_batch(recipe, config, low, high, precision)
+    steps = bench_opts.get("steps", steps)
+    profile_steps = 2 if profile or bench_opts.get("profile") else 0
+    multiple = bench_opts.get("pad_to") or (8 if precision in ("bf16", "fp16") else 1)
+    plan = schedule(recipe.train, low, high, steps, warmup, profile_steps, multiple)
+    rows = synthetic_rows(plan.row_lengths(), min(len(tokenizer), 4000), recipe.train.seed)
+    train = recipe.train.model_copy(update={"max_steps": warmup + steps + profile_steps,
+                                            "logging_steps": 1 if log_losses else 10**6})
     recipe = recipe.model_copy(update={"train": train})
     clock = StepClock()
-    overrides = {"save_strategy": "no"}
+    callbacks = [clock]
+    profiler = None
+    if profile_steps:
+        from toolkit.profiling import StepProfiler
+
+        profiler = StepProfiler(skip=warmup + steps, steps=profile_steps)
+        callbacks.append(profiler)
+    overrides = {"save_strategy": "no", "train_sampling_strategy": "sequential", "num_train_epochs": 1}
     if bench_opts.get("pad_to"):
         overrides["pad_to_multiple_of"] = bench_opts["pad_to"]
     with tempfile.TemporaryDirectory(prefix="toolkit-bench-") as scratch:
+        collator = None
+        if bench_opts.get("image_tiles"):
+            collator, settings = vision.training_collator(recipe, config, tokenizer, precision)
+            overrides.update(settings)
+            image = synthetic_image(Path(scratch), bench_opts["image_tiles"], collator.images.spec.tile_size)
+            rows = with_images(rows, image, collator.images.image_token_id)
         built, _ = trainer.build_trainer(recipe, precision=precision, device=device, tokenizer=tokenizer,
-                                         train_dataset=rows, output_dir=scratch, callbacks=[clock], **overrides)
+                                         train_dataset=Dataset.from_list(rows), output_dir=scratch,
+                                         callbacks=callbacks, data_collator=collator, **overrides)
         counter = CountingCollator(built.data_collator)
         built.data_collator = counter
         if device.cuda:
             torch.cuda.reset_peak_memory_stats()
         trainer.run_training(built, recipe, precision)
-    text_config = config.get_text_config()
-    flops = lora_flops_per_token(text_params_per_token(text_config), recipe.train.gradient_checkpointing)
-    result = summarize(clock.times, step_tokens(counter.records, recipe.train.grad_accum), warmup, flops,
-                       peak_flops(device.name))
-    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.cuda else None
-    result["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30 if device.cuda else None
-    result["final_loss"] = next((e["loss"] for e in reversed(built.state.log_history) if "loss" in e), None)
-    result["device"] = device.name
-    result["precision"] = precision
+    flops = lora_flops_per_token(text_params_per_token(config.get_text_config()), train.gradient_checkpointing)
+    tokens = step_tokens(counter.records, train.grad_accum)[: warmup + steps]
+    times = clock.times[: warmup + steps]
+    result = summarize(times, tokens, warmup, flops, peak_flops(device.name))
+    if bench_opts.get("image_tiles"):
+        result["images_s"] = train.batch_size * train.grad_accum * steps / sum(times[warmup:])
+        result["mfu"] = None  # the FLOP count covers text tokens only; image rows also run the vision tower
+    result.update({
+        "batch": train.batch_size, "warmup_steps": warmup,
+        "warmup_lengths": [plan.padded(plan.batches[b]) for b in plan.replay],
+        "step_s": times[warmup:], "step_real_tokens": [real for real, _ in tokens[warmup:]],
+        **memory_fields(device, clock, recipe, config, precision, plan),
+        "fused_layers": getattr(built, "fused_counts", None),
+        "final_loss": next((e["loss"] for e in reversed(built.state.log_history) if "loss" in e), None),
+        "device": device.name,
+        "precision": precision,
+    })
+    if log_losses:
+        result["losses"] = [e["loss"] for e in built.state.log_history if "loss" in e]
+    if profiler is not None:
+        result["profile"] = profiler.summary
     del built
     free_memory()
     return result
@@ -292,17 +497,54 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def measure_safely(*args) -> dict:
+    """`measure`, with a failure (e.g. running out of memory) returned as {'error': ...} instead of raised."""
+    try:
+        return measure(*args)
+    except Exception as err:  # one setup failing must not lose the others' numbers
+        free_memory()
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+
+
+def child_main(queue, args) -> None:
+    queue.put(measure_safely(*args))
+
+
+def measure_isolated(*args) -> dict:
+    """`measure_safely` in a fresh Python process (spawned), so the setup starts from a clean slate."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=child_main, args=(queue, args))
+    process.start()
+    try:
+        result = queue.get()
+    except Exception as err:
+        result = {"error": f"the setup's process failed: {err}"}
+    process.join()
+    if process.exitcode not in (0, None) and "error" not in result:
+        result["error"] = f"the setup's process exited with code {process.exitcode}"
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toolkit bench", description="Measure training speed and memory.")
     parser.add_argument("recipe")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--random-weights", action="store_true",
                         help="use the full-size Llama-3.2-11B-Vision architecture with random weights (no download)")
-    parser.add_argument("--steps", type=int, default=10, help="measured optimizer steps")
-    parser.add_argument("--warmup", type=int, default=3, help="optimizer steps run first and not measured")
+    parser.add_argument("--steps", type=int, default=30, help="measured optimizer steps (default 30)")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="steps replayed first and not measured; they cover the measured steps' shapes")
     parser.add_argument("--lengths", default="70:370", help="row lengths in tokens, MIN:MAX uniform")
     parser.add_argument("--compare", action="append", default=[], metavar="SETUP",
-                        help="also measure 'original' or 'LABEL: key=value ...' (repeatable); measured first")
+                        help="also measure 'original' or 'LABEL: key=value ...' (repeatable; a LABEL ending in "
+                             "@before turns the fast paths off); measured first, in order")
+    parser.add_argument("--profile", action="store_true", help="profile 2 extra steps of every setup")
+    parser.add_argument("--losses", action="store_true", help="log and keep every step's loss")
+    parser.add_argument("--isolation", choices=("process", "none"), default="process",
+                        help="run each setup in its own process (default) or all in this one")
     parser.add_argument("--json", help="write results here (default: bench.json in the current directory)")
     return parser
 
@@ -315,28 +557,29 @@ def setup_recipe(base: dict, overrides: list[str], source: str):
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        raise ToolkitError("--steps must be at least 1 and --warmup at least 0")
     base = read_yaml(Path(args.recipe))
     if args.random_weights:
         base.setdefault("model", {})["name"] = str(random_weights_checkpoint())
     setups = [parse_setup(text) for text in args.compare] + [("recipe", [])]
     low, high = parse_lengths(args.lengths)
+    run = measure_isolated if args.isolation == "process" else measure_safely
     results = []
     for label, overrides in setups:
         recipe, bench_opts = setup_recipe(base, overrides + args.overrides, args.recipe)
-        per_step = recipe.train.batch_size * recipe.train.grad_accum
-        lengths = sample_lengths(per_step * (args.steps + args.warmup), low, high, seed=0)
         console.print(f"[bold]{label}[/]: {' '.join(overrides + args.overrides) or 'as the recipe says'}")
         result = {"setup": label, "overrides": overrides + args.overrides, "batch": recipe.train.batch_size,
-                  "grad_accum": recipe.train.grad_accum, "quantization": recipe.quantization.mode}
-        try:
-            result.update(measure(recipe, bench_opts, lengths, args.steps, args.warmup))
-        except Exception as err:  # one setup running out of memory must not lose the others' numbers
-            result["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            free_memory()
+                  "grad_accum": recipe.train.grad_accum, "quantization": recipe.quantization.mode,
+                  "checkpointing": recipe.train.gradient_checkpointing}
+        result.update(run(recipe, bench_opts, low, high, args.steps, args.warmup, args.profile, args.losses))
         results.append(result)
         show_results(results)
         write_json(Path(args.json or "bench.json"), {"lengths": args.lengths, "steps": args.steps,
                                                      "warmup": args.warmup, "results": results})
+    for r in results:
+        if r.get("profile"):
+            show_profile(r["setup"], r["profile"])
     return 0 if all("error" not in r for r in results) else 1
 
 
@@ -349,12 +592,24 @@ def show_results(results: list[dict]) -> None:
         return
     base = done[0]["real_tok_s"]
     rows = [
-        [r["setup"], r["quantization"], f"{r['batch']}x{r['grad_accum']}", round(r["real_tok_s"]),
-         round(r["padded_tok_s"]), f"{r['pad_efficiency']:.0%}", f"{r['median_step_s']:.3f}",
-         f"{r['mfu']:.1%}" if r["mfu"] else "n/a", f"{r['peak_gib']:.1f}" if r["peak_gib"] else "n/a",
-         f"{r['real_tok_s'] / base:.2f}x"]
+        [r["setup"], r["quantization"], f"{r['batch']}x{r['grad_accum']}", "yes" if r["checkpointing"] else "no",
+         round(r["real_tok_s"]),
+         f"{r['real_tok_s_min']:,.0f} / {r['real_tok_s_median']:,.0f} / {r['real_tok_s_max']:,.0f}",
+         f"{r['pad_efficiency']:.0%}", f"{r['median_step_s']:.3f}", f"{r['mfu']:.1%}" if r["mfu"] else "n/a",
+         f"{r['peak_gib']:.1f}" if r["peak_gib"] else "n/a", f"{r['predicted_peak_gib']:.1f}",
+         f"{r['images_s']:.1f}" if r.get("images_s") else "-", f"{r['real_tok_s'] / base:.2f}x"]
         for r in done
     ]
     show("Training speed (measured steps after warm-up)",
-         ["setup", "quant", "batch", "real tok/s", "padded tok/s", "real/padded", "step s", "MFU", "peak GiB",
-          "vs first"], rows)
+         ["setup", "quant", "batch", "ckpt", "real tok/s", "per step min / med / max", "real/padded", "step s",
+          "MFU", "peak GiB", "est. GiB", "images/s", "vs first"], rows)
+
+
+def show_profile(label: str, profile: dict) -> None:
+    """One table per profiled setup: ms per step, where the GPU works and where it waits."""
+    rows = [["wall", profile["wall_ms"]], ["GPU busy", profile["gpu_busy_ms"]]]
+    rows += [[f"GPU idle: {k}", v] for k, v in profile["gpu_idle_ms"].items()]
+    rows += [[f"kernels: {k}", v] for k, v in profile["kernel_ms"].items()]
+    rows += [[f"CPU waits in {k} ({v['calls']:g} calls)", v["ms"]] for k, v in profile["syncs_per_step"].items()]
+    show(f"Profile of {label} (ms per optimizer step, {profile['steps']} steps)", ["where", "ms"],
+         [[k, round(v, 2)] for k, v in rows])

@@ -1,0 +1,210 @@
+"""GPU memory of a training step, and `train.batch_size: auto`: the largest micro-batch that fits a budget.
+
+Peak memory = frozen weights + what autograd keeps per token x the tokens of the longest micro-batch + a reserve
+(adapters and their optimizer state, the LM head's tiles, the allocator). Weights are counted on the weightless
+architecture, by parameter and quantization. What a decoder layer keeps per token is counted from the tensors its
+backward needs (listed in `layer_bytes_per_token`); `saved_tensor_bytes` measures the same thing on a real forward
+pass, which is how the tests hold the count to the code. docs/benchmarks.md compares the estimate with measured
+peaks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from toolkit.errors import ToolkitError
+
+GIB = 2**30
+RESERVE_BYTES = 2 * GIB  # adapters + AdamW state, LM-head tiles, dequantized weights in flight, allocator
+MAX_AUTO_BATCH = 64  # past this, a step's fixed cost is already small, and fewer optimizer steps change learning
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The recipe settings that change what a step keeps in memory."""
+
+    quantization: str = "none"  # none, 8bit, 4bit
+    double_quant: bool = True
+    int8_matmul: str = "dequantize"
+    fused_lora: bool = True
+    liger: bool = False
+    checkpointing: bool = False
+    dropout: float = 0.0
+    upcast_inputs: bool = False
+    adapted_per_layer: int = 4  # LoRA modules in one decoder layer
+    compute_bytes: int = 2  # bf16/fp16; 4 for fp32
+
+    @classmethod
+    def from_recipe(cls, recipe, precision: str) -> "Setup":
+        targets = recipe.lora.targets
+        per_layer = len(set(targets)) if isinstance(targets, list) else 7
+        return cls(quantization=recipe.quantization.mode, double_quant=recipe.quantization.double_quant,
+                   int8_matmul=recipe.quantization.int8_matmul,
+                   fused_lora=recipe.train.fused_lora and not recipe.lora.upcast_inputs,
+                   liger=recipe.train.liger_kernel, checkpointing=recipe.train.gradient_checkpointing,
+                   dropout=recipe.lora.dropout, upcast_inputs=recipe.lora.upcast_inputs,
+                   adapted_per_layer=per_layer,
+                   compute_bytes=4 if precision == "fp32" else 2)
+
+
+# ---- weights ----
+
+
+def quantized_bytes_per_weight(setup: Setup, in_features: int) -> float:
+    """bitsandbytes storage: int8 plus one fp32 absmax per row; NF4/FP4 plus one absmax per 64 weights (an 8-bit
+    code of it with double quantization, fp32 without)."""
+    if setup.quantization == "8bit":
+        return 1.0 + 4.0 / in_features
+    return 0.5 + (1.0 if setup.double_quant else 4.0) / 64
+
+
+def weight_bytes(meta_model, setup: Setup, skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """Bytes of the frozen model: linear layers as quantized (all but `skip`), everything else in the compute
+    dtype."""
+    import torch
+
+    total = 0.0
+    counted = set()
+    for name, module in meta_model.named_modules():
+        if isinstance(module, torch.nn.Linear) and setup.quantization != "none" and not name.endswith(skip):
+            total += module.weight.numel() * quantized_bytes_per_weight(setup, module.in_features)
+            counted.add(id(module.weight))
+    for param in meta_model.parameters():
+        if id(param) not in counted:
+            total += param.numel() * setup.compute_bytes
+    return int(total)
+
+
+# ---- activations ----
+
+
+def layer_bytes_per_token(text_config, setup: Setup) -> int:
+    """What one self-attention decoder layer keeps for backward, per token, in bytes.
+
+    Always: the two RMSNorm inputs, the normed input the q/k/v adapters need for their gradient, q, k and v for
+    attention, the attention output (counted twice: attention keeps it and the o_proj adapter keeps its reshaped
+    copy), and the MLP's gate and up projections for SwiGLU's backward. Without Liger, transformers' RMSNorm keeps
+    fp32 copies of its input and SwiGLU keeps silu(gate) as well. PEFT's own layers add, per adapted module with
+    dropout, a dropped-out copy of its input and the mask, and with `lora.upcast_inputs` an fp32 copy of it.
+    """
+    h = text_config.hidden_size
+    heads = text_config.num_attention_heads
+    kv = getattr(text_config, "num_key_value_heads", heads) * (getattr(text_config, "head_dim", None) or h // heads)
+    inter = text_config.intermediate_size
+    b = setup.compute_bytes
+    kept = b * (2 * h + h + (h + 2 * kv) + 2 * h) + b * 2 * inter
+    if not setup.liger:
+        kept += 2 * 4 * h + b * inter
+    if not setup.fused_lora and setup.dropout > 0:
+        kept += setup.adapted_per_layer * (b + 1) * h
+    if not setup.fused_lora and setup.upcast_inputs and b < 4:
+        kept += setup.adapted_per_layer * 4 * h
+    return kept
+
+
+def int8_inputs_per_token(text_config, setup: Setup) -> int:
+    """What bitsandbytes' LLM.int8() matmul keeps per token and layer: the input of every 8-bit layer (q/k/v share
+    one, gate/up share one, plus o_proj's and down_proj's). It keeps them on its autograd context, out of reach of
+    gradient checkpointing's hooks, so checkpointing does not free them (docs/benchmarks.md)."""
+    if setup.quantization != "8bit" or setup.int8_matmul != "int8":
+        return 0
+    return setup.compute_bytes * (3 * text_config.hidden_size + text_config.intermediate_size)
+
+
+def text_layers(text_config) -> int:
+    """Decoder layers a text token passes through (cross-attention layers are skipped without an image)."""
+    return text_config.num_hidden_layers - len(getattr(text_config, "cross_attention_layers", None) or [])
+
+
+def activation_bytes_per_token(text_config, setup: Setup) -> int:
+    """Bytes kept per token of the longest micro-batch. With checkpointing each layer keeps only its input, and one
+    layer at a time is recomputed in full; the LM head keeps the last hidden state and, in backward, an fp32
+    gradient of it."""
+    layer = layer_bytes_per_token(text_config, setup)
+    layers = text_layers(text_config)
+    h = text_config.hidden_size
+    head = (setup.compute_bytes + 4) * h
+    int8 = layers * int8_inputs_per_token(text_config, setup)
+    if setup.checkpointing:
+        return layers * setup.compute_bytes * h + layer + head + int8
+    return layers * layer + head + int8
+
+
+def padded(length: int, multiple: int) -> int:
+    return math.ceil(length / multiple) * multiple
+
+
+@dataclass(frozen=True)
+class Plan:
+    batch_size: int
+    weights_gib: float
+    per_row_gib: float
+    budget_gib: float
+
+    def peak_gib(self, batch: int | None = None) -> float:
+        return self.weights_gib + (batch or self.batch_size) * self.per_row_gib + RESERVE_BYTES / GIB
+
+
+def plan_batch(meta_model, text_config, setup: Setup, longest_row: int, budget_gib: float, rows: int,
+               pad_multiple: int = 8) -> Plan:
+    """The largest micro-batch whose longest batch (every row as long as the longest) fits `budget_gib`."""
+    weights = weight_bytes(meta_model, setup)
+    per_row = padded(longest_row, pad_multiple) * activation_bytes_per_token(text_config, setup)
+    room = budget_gib * GIB - weights - RESERVE_BYTES
+    batch = min(int(room // per_row), MAX_AUTO_BATCH, max(rows, 1))
+    if batch < 1:
+        raise ToolkitError(
+            f"train.batch_size: auto finds no batch that fits train.memory_budget_gib={budget_gib:g}: the weights "
+            f"take {weights / GIB:.1f} GiB and one row of {longest_row} tokens {per_row / GIB:.2f} GiB; raise the "
+            "budget, quantize (quantization.mode), or set train.gradient_checkpointing: true"
+        )
+    return Plan(batch, weights / GIB, per_row / GIB, budget_gib)
+
+
+def resolve_batch_size(recipe, model_config, lengths: list[int], precision: str):
+    """The recipe with `train.batch_size: auto` replaced by a number (and that plan), or unchanged (and None)."""
+    if recipe.train.batch_size != "auto":
+        return recipe, None
+    from toolkit import modeling
+
+    if not lengths:
+        raise ToolkitError("train.batch_size: auto needs training rows to size the batch by")
+    plan = plan_batch(modeling.meta_model(model_config), model_config.get_text_config(),
+                      Setup.from_recipe(recipe, precision), max(lengths), recipe.train.memory_budget_gib,
+                      len(lengths), pad_multiple=8 if precision in ("bf16", "fp16") else 1)
+    train = recipe.train.model_copy(update={"batch_size": plan.batch_size})
+    return recipe.model_copy(update={"train": train}), plan
+
+
+# ---- measuring what autograd keeps ----
+
+
+def saved_tensor_bytes(run, exclude=()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `run()` executes, leaving out the storages
+    of `exclude` (the model's parameters: they are kept anyway). It sees what goes through `save_for_backward`
+    and autograd's own saving, the same hooks gradient checkpointing uses; tensors an autograd function stores
+    as plain attributes of its context (as LLM.int8() does) escape both."""
+    import torch
+
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(seen.values())
+
+
+def plan_for(prepared):
+    """`resolve_batch_size` for a run `toolkit.prepare` checked. Rows with images are refused: the estimate counts
+    text tokens through the self-attention layers, not vision tokens or cross-attention."""
+    if prepared.recipe.train.batch_size == "auto" and getattr(prepared.train, "image_rows", 0):
+        raise ToolkitError("train.batch_size: auto sizes batches of text rows only, and this data has rows with "
+                           "images; set train.batch_size to a number (docs/benchmarks.md has measured sizes)")
+    return resolve_batch_size(prepared.recipe, prepared.model_config, prepared.lengths, prepared.precision)
