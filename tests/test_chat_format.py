@@ -117,7 +117,7 @@ def test_special_token_text_in_a_row_stays_text(tokenizer):
 
 def test_prompt_ids_end_where_the_answer_starts(tokenizer):
     section = DataSection(train="t.jsonl")
-    prompt = data.prompt_ids(ROW, section, tokenizer)
+    prompt = data.prompt_ids(data.Row("t.jsonl", 1, ROW), section, tokenizer)
     example = encoded_row(tokenizer, ROW)
     assert prompt == example.input_ids[: example.completion_mask.index(1)]
 

@@ -8,6 +8,9 @@ import json
 from conftest import term_rows, tiny_recipe, write_jsonl
 from toolkit.cli import main
 from toolkit.data import parse_rows, percentiles, split_rows
+from toolkit.recipe import DataSection
+
+ALPACA = DataSection(train="t.jsonl")
 
 
 def test_every_problem_is_reported_with_its_line(tmp_path):
@@ -23,7 +26,7 @@ def test_every_problem_is_reported_with_its_line(tmp_path):
     ]
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    rows, problems = parse_rows(path, "alpaca")
+    rows, problems = parse_rows(path, ALPACA)
     assert [r.line for r in rows] == [1]
     assert problems == [
         f"{path}:2: field 'output' must be a string, got number",
@@ -41,7 +44,7 @@ def test_bom_crlf_and_blank_lines_are_fine(tmp_path):
     row = json.dumps({"instruction": "다음 용어를 설명하세요.", "input": "양생", "output": "양생은 ..."}, ensure_ascii=False)
     path = tmp_path / "ok.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + row.encode() + b"\r\n\r\n  \n" + row.encode() + b"\r\n")
-    rows, problems = parse_rows(path, "alpaca")
+    rows, problems = parse_rows(path, ALPACA)
     assert problems == []
     assert [r.line for r in rows] == [1, 4]
     assert rows[0].fields["input"] == "양생"
@@ -50,7 +53,7 @@ def test_bom_crlf_and_blank_lines_are_fine(tmp_path):
 def test_empty_file_is_a_problem(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n\n", encoding="utf-8")
-    assert parse_rows(path, "alpaca")[1] == [f"{path}: no rows (the file is empty)"]
+    assert parse_rows(path, ALPACA)[1] == [f"{path}: no rows (the file is empty)"]
 
 
 def test_bad_data_exits_2_and_leaves_no_run_directory(tmp_path, tiny_data, capsys):
@@ -71,7 +74,7 @@ def test_missing_data_file_is_one_clear_error(tmp_path, tiny_data, capsys):
 
 
 def test_hold_out_split_is_deterministic(tmp_path):
-    rows, _ = parse_rows(write_jsonl(tmp_path / "t.jsonl", term_rows()), "alpaca")
+    rows, _ = parse_rows(write_jsonl(tmp_path / "t.jsonl", term_rows()), ALPACA)
     train_a, eval_a = split_rows(rows, 0.25, seed=1)
     train_b, eval_b = split_rows(rows, 0.25, seed=1)
     assert [r.line for r in eval_a] == [r.line for r in eval_b]
@@ -130,7 +133,7 @@ def test_hostile_json_is_a_problem_with_its_line_never_a_crash(tmp_path):
     ]
     path = tmp_path / "hostile.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    rows, problems = parse_rows(path, "alpaca")
+    rows, problems = parse_rows(path, ALPACA)
     assert [r.line for r in rows] == [4]
     assert problems[0] == f"{path}:1: invalid JSON (nested too deeply)"
     assert problems[1].startswith(f"{path}:2: invalid JSON (Exceeds the limit")

@@ -1,18 +1,35 @@
 """Reading data files into records (one JSON-like object per row, with where it came from), before any row check.
 
-Every problem is collected, not raised one at a time, and named by its place (`file:line` for line-based files,
-`file row N` otherwise), so a user fixes a file in one pass. What a row must contain is checked later, by the
-formatter's rules (`toolkit.data`).
+The file type follows the name: `.jsonl` (JSON Lines), `.json` (one JSON array of row objects), `.csv` (a header
+line, then one row per record), `.parquet`, or a folder written by `datasets`' `save_to_disk`. Every reader yields
+the same `Record`s, so what a row must contain is checked once, by the formatter's rules (`toolkit.data`), whatever
+the file type.
+
+Every problem is collected, not raised one at a time, and named by its place (`file:line` for the text formats,
+`file row N` for Parquet, saved datasets and JSON arrays written on one line), so a user fixes a file in one pass.
+A reader never raises for what is in a file: a damaged or foreign file is one problem line.
+
+Files are read once and only the rows are kept: JSON Lines and CSV are parsed line by line as they are read,
+Parquet and saved datasets one Arrow batch at a time (a saved dataset is memory-mapped, never loaded whole). A JSON
+array needs its whole text (the standard library has no streaming parser); its bytes are freed once decoded and its
+elements are parsed one at a time, so at most the text and the rows are held together.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 BOM = b"\xef\xbb\xbf"
+KINDS_TEXT = ".jsonl, .json, .csv, .parquet, or a folder saved with datasets' save_to_disk"
+ARROW_BATCH_ROWS = 1024  # rows per Arrow batch turned into Python objects at a time
+JSON_SPACE = re.compile(r"[ \t\n\r]*")  # the only whitespace JSON allows between values
+# Fields whose values are lists, which a CSV cell (text) cannot hold: key terms, conversations, image lists.
+CSV_LIST_COLUMNS = ("terms", "messages", "conversations", "images")
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,9 @@ def lone_surrogate(value) -> bool:
     return False
 
 
+LONE_SURROGATE = "invalid text (a lone surrogate escape such as \\ud800, which is not a character)"
+
+
 def parse_json_text(text: str) -> tuple[Any, str | None]:
     """A JSON value, or the reason it is not one; never raises (deep nesting and huge numbers included)."""
     try:
@@ -53,7 +73,7 @@ def parse_json_text(text: str) -> tuple[Any, str | None]:
     except ValueError as err:  # e.g. an integer with more digits than Python converts
         return None, f"invalid JSON ({str(err).splitlines()[0]})"
     if lone_surrogate(value):
-        return None, "invalid text (a lone surrogate escape such as \\ud800, which is not a character)"
+        return None, LONE_SURROGATE
     return value, None
 
 
@@ -61,35 +81,298 @@ Problems = list[tuple[int, str]]  # (line or row number, message), so they can b
 
 
 def read_jsonl(path: Path) -> tuple[list[Record], Problems]:
-    """JSON Lines: one value per line; a BOM, CRLF line ends and blank lines are fine."""
-    raw = path.read_bytes()
-    if raw.startswith(BOM):
-        raw = raw[len(BOM) :]
+    """JSON Lines: one value per line, read line by line; a BOM, CRLF line ends and blank lines are fine."""
     records, problems = [], []
-    for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
-        line_bytes = line_bytes.rstrip(b"\r")
-        where = f"{path}:{number}"
-        try:
-            line = line_bytes.decode("utf-8")
-        except UnicodeDecodeError as err:
-            problems.append((number, f"{where}: not valid UTF-8 (byte {err.start + 1} of the line)"))
-            continue
-        if not line.strip():
-            continue
-        value, problem = parse_json_text(line)
-        if problem:
-            problems.append((number, f"{where}: {problem}"))
+    with path.open("rb") as handle:
+        for number, line_bytes in enumerate(handle, start=1):
+            if number == 1 and line_bytes.startswith(BOM):
+                line_bytes = line_bytes[len(BOM) :]
+            line_bytes = line_bytes.rstrip(b"\n").rstrip(b"\r")
+            where = f"{path}:{number}"
+            try:
+                line = line_bytes.decode("utf-8")
+            except UnicodeDecodeError as err:
+                problems.append((number, f"{where}: not valid UTF-8 (byte {err.start + 1} of the line)"))
+                continue
+            if not line.strip():
+                continue
+            value, problem = parse_json_text(line)
+            if problem:
+                problems.append((number, f"{where}: {problem}"))
+                continue
+            records.append(Record(str(path), number, where, value))
+    return records, problems
+
+
+def decode_whole(path: Path) -> tuple[str | None, Problems]:
+    """A whole text file as UTF-8 (a BOM is dropped), or where its first invalid byte is."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig"), []
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        return None, [(line, f"{path}:{line}: not valid UTF-8 (byte {column} of the line)")]
+
+
+class ArrayShapeError(ValueError):
+    """The text is not one JSON array of values; `line` is where that shows (0: the whole file)."""
+
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.line = line
+
+
+class LineCounter:
+    """Line numbers of increasing positions in a text, counted forward only: one pass over a whole file."""
+
+    def __init__(self, text: str):
+        self.text, self.position, self.line = text, 0, 1
+
+    def at(self, position: int) -> int:
+        self.line += self.text.count("\n", self.position, position)
+        self.position = position
+        return self.line
+
+
+def json_array_items(text: str) -> Iterator[tuple[int, Any]]:
+    """(line, value) for each element of a top-level JSON array, parsed one element at a time.
+
+    Raises ArrayShapeError, with the line where it shows, when the text is not one array of JSON values.
+    """
+    decoder, lines = json.JSONDecoder(), LineCounter(text)
+    position = JSON_SPACE.match(text).end()
+    if position == len(text):
+        raise ArrayShapeError("no rows (the file is empty)", 0)
+    if text[position] != "[":
+        raise ArrayShapeError(not_an_array(text[position]), lines.at(position))
+    position = JSON_SPACE.match(text, position + 1).end()
+    if text.startswith("]", position):
+        raise ArrayShapeError("no rows (the array is empty)", 0)
+    while True:
+        line = lines.at(position)
+        value, position = decode_element(decoder, text, position, line)
+        yield line, value
+        position = JSON_SPACE.match(text, position).end()
+        if text.startswith("]", position):
+            break
+        if not text.startswith(",", position):
+            raise ArrayShapeError("invalid JSON (expected ',' or ']' after an array element)", lines.at(position))
+        position = JSON_SPACE.match(text, position + 1).end()
+    position = JSON_SPACE.match(text, position + 1).end()
+    if position != len(text):
+        raise ArrayShapeError("invalid JSON (more text after the array's closing ']')", lines.at(position))
+
+
+def decode_element(decoder: json.JSONDecoder, text: str, position: int, line: int) -> tuple[Any, int]:
+    """The array element starting at `position` and where it ends; every way it can fail is an ArrayShapeError."""
+    try:
+        return decoder.raw_decode(text, position)
+    except json.JSONDecodeError as err:
+        raise ArrayShapeError(f"invalid JSON ({err.msg} at column {err.colno})", err.lineno) from None
+    except RecursionError:
+        raise ArrayShapeError("invalid JSON (nested too deeply)", line) from None
+    except ValueError as err:  # e.g. an integer with more digits than Python converts
+        raise ArrayShapeError(f"invalid JSON ({str(err).splitlines()[0]})", line) from None
+
+
+def not_an_array(first: str) -> str:
+    kind = {"{": "an object", '"': "a string"}.get(first, "another value")
+    hint = "; a file with one object per line is JSON Lines: name it .jsonl" if kind == "an object" else ""
+    return f"expected a JSON array of row objects ([{{...}}, {{...}}]), got {kind}{hint}"
+
+
+def read_json_array(path: Path) -> tuple[list[Record], Problems]:
+    """A `.json` file: one array of row objects. Rows are named `file:line` when each element starts on a line of
+    its own (pretty-printed files), else `file row N` (an array written on one line)."""
+    text, problems = decode_whole(path)
+    if text is None:
+        return [], problems
+    items: list[tuple[int, Any]] = []
+    try:
+        for line, value in json_array_items(text):
+            items.append((line, value))
+    except ArrayShapeError as err:
+        where = f"{path}:{err.line}" if err.line else str(path)
+        problems.append((err.line, f"{where}: {err}"))
+    del text
+    by_line = len({line for line, _ in items}) == len(items)
+    records = []
+    for row, (line, value) in enumerate(items, start=1):
+        number, where = (line, f"{path}:{line}") if by_line else (row, f"{path} row {row}")
+        if lone_surrogate(value):
+            problems.append((number, f"{where}: {LONE_SURROGATE}"))
             continue
         records.append(Record(str(path), number, where, value))
     return records, problems
 
 
-def read_records(path: Path) -> tuple[list[Record], Problems]:
-    """Every record of a data file and every problem reading it; an empty file is a problem."""
+def csv_header_problems(where: str, header: list[str]) -> list[str]:
+    """What makes a header line unusable as field names: empty, repeated or space-padded names, list columns."""
+    problems, seen = [], set()
+    for index, name in enumerate(header, start=1):
+        if not name.strip():
+            problems.append(f"{where}: column {index} of the header has no name")
+        elif name != name.strip():
+            problems.append(f"{where}: column name {name!r} has spaces around it; remove them")
+        elif name in seen:
+            problems.append(f"{where}: column '{name}' appears twice in the header")
+        elif name in CSV_LIST_COLUMNS:
+            glossary = ", or name a data.glossary" if name == "terms" else ""
+            problems.append(f"{where}: column '{name}' cannot be used in CSV (a cell holds text, not a list); "
+                            f"write these rows as .jsonl, .json or .parquet{glossary}")
+        elif any("\udc80" <= c <= "\udcff" for c in name):
+            problems.append(f"{where}: the header is not valid UTF-8; save the file as UTF-8")
+        seen.add(name)
+    return problems
+
+
+def not_utf8_column(header: list[str], cells: list[str]) -> str | None:
+    """The first column whose cell held bytes that are not UTF-8 (read as surrogate escapes), or None."""
+    for name, cell in zip(header, cells):
+        if any("\udc80" <= c <= "\udcff" for c in cell):
+            return name
+    return None
+
+
+def csv_records(reader) -> Iterator[tuple[int, list[str] | None, str | None]]:
+    """(first line, cells, CSV error) for each record; blank lines are skipped, and a record whose quoted cell spans
+    lines is named by its first line."""
+    line_before = 0
+    while True:
+        start = line_before + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            line_before = reader.line_num
+            yield start, None, str(err)
+            continue
+        line_before = reader.line_num
+        if cells:
+            yield start, cells, None
+
+
+def read_csv(path: Path) -> tuple[list[Record], Problems]:
+    """CSV: comma-separated, UTF-8 (a BOM is fine), the first line names the fields, quoting as in RFC 4180.
+
+    Python's `csv` module reads it row by row, so every row keeps its line number and every cell stays text (a
+    dataframe reader would guess numbers and turn empty cells into NaN). An empty cell is an empty string, which
+    optional fields treat as absent. Undecodable bytes are kept as escapes while reading, so one bad row is one
+    problem line instead of the end of the file.
+    """
+    records, problems, header = [], [], None
+    with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+        for start, cells, error in csv_records(csv.reader(handle, strict=True)):
+            where = f"{path}:{start}"
+            if error is not None:
+                problems.append((start, f"{where}: not valid CSV ({error}); a cell holding a comma, quote or line "
+                                        "break must be in double quotes, with quotes inside written twice"))
+                if header is None:
+                    return [], problems  # without its header line no row can be read
+            elif header is None:
+                header = cells
+                header_problems = csv_header_problems(where, header)
+                if header_problems:
+                    return [], [(start, message) for message in header_problems]
+            elif problem := csv_row_problem(header, cells):
+                problems.append((start, f"{where}: {problem}"))
+            else:
+                records.append(Record(str(path), start, where, dict(zip(header, cells))))
+    if header is not None and not records and not problems:
+        problems.append((0, f"{path}: no rows below the header line"))
+    return records, problems
+
+
+def csv_row_problem(header: list[str], cells: list[str]) -> str | None:
+    if len(cells) > len(header):
+        return (f"{len(cells)} cells, but the header names {len(header)} columns (a cell holding a comma must be in "
+                "double quotes)")
+    if len(cells) < len(header):
+        return (f"{len(cells)} cells, but the header names {len(header)} columns (an empty cell still needs its "
+                "comma)")
+    column = not_utf8_column(header, cells)
+    if column is not None:
+        return f"column '{column}' is not valid UTF-8; save the file as UTF-8"
+    return None
+
+
+def arrow_rows(batches, path: Path) -> tuple[list[Record], Problems]:
+    """Records from Arrow batches (Parquet or a saved dataset), named `file row N`.
+
+    A column stores a field a row does not have as null, so nulls are left out of the row: an absent optional
+    field reads as absent, as in JSON Lines.
+    """
+    records, problems, number = [], [], 0
     try:
-        records, problems = read_jsonl(path)
+        for batch in batches:
+            for row in batch.to_pylist():
+                number += 1
+                where = f"{path} row {number}"
+                records.append(Record(str(path), number, where, {k: v for k, v in row.items() if v is not None}))
+    except Exception as err:  # pyarrow raises its own error types for damaged data
+        which = f"rows after row {number}" if number else "the rows"
+        problems.append((number + 1, f"{path}: {which} cannot be read ({first_line(err)})"))
+    return records, problems
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
+def read_parquet(path: Path) -> tuple[list[Record], Problems]:
+    """Parquet through pyarrow, one batch of rows at a time."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises its own error types for files that are not Parquet
+        return [], [(0, f"{path}: not a readable Parquet file ({first_line(err)})")]
+    with parquet:
+        return arrow_rows(parquet.iter_batches(batch_size=ARROW_BATCH_ROWS), path)
+
+
+def read_saved_dataset(path: Path) -> tuple[list[Record], Problems]:
+    """A folder written by `Dataset.save_to_disk`, memory-mapped by `datasets.load_from_disk` and read in batches.
+
+    A `DatasetDict` folder holds one folder per split; the error names them, so the user can point at one.
+    """
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(path), keep_in_memory=False)
+    except FileNotFoundError as err:
+        if not (path / datasets.config.DATASET_STATE_JSON_FILENAME).exists():
+            return [], [(0, f"{path}: a folder, but not a dataset saved with datasets' save_to_disk (no "
+                            f"{datasets.config.DATASET_STATE_JSON_FILENAME}); data files are {KINDS_TEXT}")]
+        return [], [(0, f"{path}: the saved dataset cannot be read ({first_line(err)})")]
+    except Exception as err:  # damaged Arrow files or metadata raise many error types
+        return [], [(0, f"{path}: the saved dataset cannot be read ({first_line(err)})")]
+    if isinstance(dataset, datasets.DatasetDict):
+        splits = ", ".join(dataset)
+        return [], [(0, f"{path}: a dataset with several splits ({splits}); point at one split's folder, e.g. "
+                        f"{path / next(iter(dataset), 'train')}")]
+    return arrow_rows(dataset.with_format("arrow").iter(batch_size=ARROW_BATCH_ROWS), path)
+
+
+READERS = {".jsonl": read_jsonl, ".json": read_json_array, ".csv": read_csv, ".parquet": read_parquet}
+
+
+def read_records(path: Path) -> tuple[list[Record], Problems]:
+    """Every record of a data file (or saved-dataset folder) and every problem reading it; no rows is a problem."""
+    path = Path(path)
+    if path.is_dir():
+        reader = read_saved_dataset
+    else:
+        reader = READERS.get(path.suffix.lower())
+        if reader is None:
+            return [], [(0, f"{path}: unknown data file type '{path.suffix}'; use {KINDS_TEXT}")]
+    try:
+        records, problems = reader(path)
     except OSError as err:
-        return [], [(0, f"{path}: cannot be read ({err.strerror})")]
+        return [], [(0, f"{path}: cannot be read ({err.strerror or first_line(err)})")]
     if not records and not problems:
         problems.append((0, f"{path}: no rows (the file is empty)"))
     return records, problems
@@ -99,6 +382,6 @@ def check_exists(path_text: str, key: str) -> list[str]:
     path = Path(path_text)
     if not path.exists():
         return [f"{key}: file not found: {path} (relative paths are read from the current directory, {Path.cwd()})"]
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         return [f"{key}: not a file: {path}"]
     return []
