@@ -16,7 +16,7 @@ from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_NAMES = ("tiny-mllama",)
-BUILD_VERSION = "v6"  # bump when the recipe below changes, so old caches are not reused
+BUILD_VERSION = "v7"  # bump when the recipe below changes, so old caches are not reused
 
 # Llama 3's special tokens in Llama 3's order; the reserved ones fill the block to 256, and `<|image|>` comes last,
 # one past the text vocabulary, exactly where Llama 3.2 Vision puts it.
@@ -48,7 +48,7 @@ TEMPLATE_WORDS = ["system", "user", "assistant", "Cutting Knowledge Date: Decemb
 # CLIP's normalisation, which Llama 3.2 Vision's image processor uses.
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
-TILE_SIZE = 28
+TILE_SIZE = 56  # 4 x 4 patches of 14 pixels: enough for a drawn symbol to look different from another
 # The LM head is a scaled copy of the input embedding (tied in all but name, as in Llama 3.2 1B/3B; Mllama does not
 # tie them). With the usual independent 0.02 init, a 128-wide frozen head caps every logit near 2.5 and maps hidden
 # states to tokens at random; tied and scaled, the logits can reach ~20 and an adapter only has to route embeddings.
@@ -58,6 +58,11 @@ LM_HEAD_SCALE = 8.0
 # nothing"); stronger random branches make the untrained model answer with (random) words, as a base should.
 BRANCH_OUTPUT_SUFFIXES = ("o_proj.weight", "down_proj.weight")
 BRANCH_OUTPUT_SCALE = 3.0
+# Mllama initialises the gates of its cross-attention layers at 0 (tanh(0) = 0): such a layer adds nothing, so an
+# image cannot change an answer and the adapters in it get no gradient. A pretrained checkpoint has them open;
+# the built-in model opens them too, so image rows behave as on the real model. Text rows skip these layers.
+CROSS_ATTENTION_GATES = ("cross_attn_attn_gate", "cross_attn_mlp_gate")
+CROSS_ATTENTION_GATE_VALUE = 1.0
 # Llama 3.2 Vision's text shape, shrunk: 4 layers, the third a (text-only: skipped) cross-attention layer.
 TEXT_SHAPE = dict(
     hidden_size=128,
@@ -228,6 +233,8 @@ def init_text_weights(model, config) -> None:
         for name, param in model.named_parameters():
             if "language_model" in name and "cross_attn" not in name and name.endswith(BRANCH_OUTPUT_SUFFIXES):
                 param.mul_(BRANCH_OUTPUT_SCALE)
+            if name.endswith(CROSS_ATTENTION_GATES):
+                param.fill_(CROSS_ATTENTION_GATE_VALUE)
 
 
 def make_tiny_mllama():

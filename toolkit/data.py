@@ -11,9 +11,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toolkit import encode, sources
+from toolkit import encode, formatters, sources, vision
 from toolkit.errors import ToolkitError
-from toolkit.formatters import FORMATTERS, OPTIONAL_TEXT_FIELDS, REQUIRED_FIELDS
+from toolkit.formatters import FORMATTERS
 from toolkit.sources import json_type_name
 
 MAX_PROBLEMS_SHOWN = 25
@@ -29,29 +29,69 @@ class Row:
     where: str = ""
 
 
-def row_problems(fields: dict, formatter: str) -> list[str]:
-    """What is wrong with one parsed row for this formatter (empty when it is fine)."""
-    problems = []
-    for name in REQUIRED_FIELDS[formatter]:
-        if name not in fields:
-            problems.append(f"missing field '{name}'")
-        elif not isinstance(fields[name], str):
-            problems.append(f"field '{name}' must be a string, got {json_type_name(fields[name])}")
-        elif not fields[name].strip():
-            problems.append(f"field '{name}' is empty")
-    for name in OPTIONAL_TEXT_FIELDS[formatter]:
-        if name in fields and not isinstance(fields[name], str):
-            problems.append(f"field '{name}' must be a string, got {json_type_name(fields[name])}")
-    terms = fields.get("terms")
-    if terms is not None and not (isinstance(terms, list) and all(isinstance(t, str) and t.strip() for t in terms)):
-        problems.append("field 'terms' must be a list of non-empty strings")
-    if "image" in fields or "images" in fields:
-        problems.append("rows with an image are not supported yet; remove the 'image' field")
+def image_base(source: str, data_section) -> Path:
+    """Where a row's relative image paths start: data.image_root, else the folder of the row's data file."""
+    if data_section.image_root:
+        return Path(data_section.image_root).expanduser()
+    return Path(source).parent
+
+
+def resolve_images(messages: list[dict], source: str, data_section) -> list[dict]:
+    """The conversation with every image path made absolute (`~` expanded, relative to `image_base`)."""
+    base = image_base(source, data_section)
+
+    def resolved(part: dict) -> dict:
+        if part.get("type") != "image":
+            return part
+        path = Path(part["image"]).expanduser()
+        return {"type": "image", "image": str(path if path.is_absolute() else base / path)}
+
+    return [m if isinstance(m["content"], str) else {**m, "content": [resolved(p) for p in m["content"]]}
+            for m in messages]
+
+
+def conversation(row: Row, data_section) -> list[dict]:
+    """A row as the formatter turns it into messages (the answer last), image paths resolved."""
+    messages = FORMATTERS[data_section.formatter](row.fields, data_section.system_prompt)
+    return resolve_images(messages, row.source, data_section)
+
+
+class ImageChecks:
+    """Each image file is opened once, however many rows name it; remembers sizes for the cost report."""
+
+    def __init__(self):
+        self.problems: dict[str, str | None] = {}
+
+    def problem(self, path: str) -> str | None:
+        if path not in self.problems:
+            self.problems[path] = vision.image_problem(Path(path))
+        return self.problems[path]
+
+
+def image_row_problems(messages: list[dict], images: ImageChecks) -> list[str]:
+    paths = formatters.images_in(messages)
+    problems = [f"image: {problem}" for path in dict.fromkeys(paths) if (problem := images.problem(path))]
+    if paths and any(m["role"] == "system" for m in messages):
+        problems.append("a row with an image cannot have a system prompt (Llama 3.2 Vision's template refuses "
+                        "it); drop data.system_prompt or the row's system turn")
     return problems
 
 
-def parse_rows(path: Path, formatter: str) -> tuple[list[Row], list[str]]:
+def row_problems(row: Row, data_section, images: ImageChecks) -> list[str]:
+    """What is wrong with one parsed row for this recipe's formatter (empty when it is fine)."""
+    fields = row.fields
+    problems = formatters.ROW_CHECKS[data_section.formatter](fields)
+    terms = fields.get("terms")
+    if terms is not None and not (isinstance(terms, list) and all(isinstance(t, str) and t.strip() for t in terms)):
+        problems.append("field 'terms' must be a list of non-empty strings")
+    if not problems:
+        problems += image_row_problems(conversation(row, data_section), images)
+    return problems
+
+
+def parse_rows(path: Path, data_section, images: ImageChecks | None = None) -> tuple[list[Row], list[str]]:
     """Read and check a data file. Returns the good rows and every problem found (each named by its place)."""
+    images = images or ImageChecks()
     records, problems = sources.read_records(path)
     rows = []
     for record in records:
@@ -59,11 +99,18 @@ def parse_rows(path: Path, formatter: str) -> tuple[list[Row], list[str]]:
             problems.append((record.number, f"{record.where}: expected a JSON object, got "
                                             f"{json_type_name(record.value)}"))
             continue
-        row_issues = row_problems(record.value, formatter)
+        row = Row(record.source, record.number, record.value, record.where)
+        row_issues = row_problems(row, data_section, images)
         problems.extend((record.number, f"{record.where}: {issue}") for issue in row_issues)
         if not row_issues:
-            rows.append(Row(record.source, record.number, record.value, record.where))
+            rows.append(row)
     return rows, [message for _, message in sorted(problems, key=lambda item: item[0])]
+
+
+def file_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def raise_problems(problems: list[str], what: str) -> None:
@@ -76,19 +123,19 @@ def raise_problems(problems: list[str], what: str) -> None:
 
 
 def load_splits(data_section, seed: int) -> tuple[list[Row], list[Row]]:
-    """Read and check train (and eval) rows; split off eval_fraction when no eval file is given."""
-    files = {"data.train": data_section.train}
-    if data_section.eval:
-        files["data.eval"] = data_section.eval
-    if data_section.glossary:
-        files["data.glossary"] = data_section.glossary
-    problems = [p for key, path in files.items() for p in sources.check_exists(path, key)]
-    raise_problems(problems, "data")
-    train, problems = parse_rows(Path(data_section.train), data_section.formatter)
+    """Read and check train (and eval) rows from every file; split off eval_fraction when no eval file is given."""
+    named = [("data.train", p) for p in file_list(data_section.train)]
+    named += [("data.eval", p) for p in file_list(data_section.eval)]
+    checks = named + ([("data.glossary", data_section.glossary)] if data_section.glossary else [])
+    raise_problems([p for key, path in checks for p in sources.check_exists(path, key)], "data")
+    images = ImageChecks()
+    train: list[Row] = []
     eval_rows: list[Row] = []
-    if data_section.eval:
-        eval_rows, eval_problems = parse_rows(Path(data_section.eval), data_section.formatter)
-        problems += eval_problems
+    problems: list[str] = []
+    for key, path in named:
+        rows, file_problems = parse_rows(Path(path), data_section, images)
+        (train if key == "data.train" else eval_rows).extend(rows)
+        problems += file_problems
     raise_problems(problems, "data")
     if data_section.eval_fraction > 0:
         train, eval_rows = split_rows(train, data_section.eval_fraction, seed)
@@ -106,26 +153,36 @@ def split_rows(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], 
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def conversation(fields: dict, data_section) -> list[dict]:
-    """A row as the formatter turns it into messages (the answer last)."""
-    return FORMATTERS[data_section.formatter](fields, data_section.system_prompt)
-
-
-def prompt_messages(fields: dict, data_section) -> list[dict]:
+def prompt_messages(row: Row, data_section) -> list[dict]:
     """The conversation up to where the assistant's (last) answer starts, for generation."""
-    messages = conversation(fields, data_section)
+    messages = conversation(row, data_section)
     return messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
 
 
-def prompt_ids(fields: dict, data_section, tokenizer) -> list[int]:
-    """The prompt's token ids exactly as training encoded that part of the row, ending at the answer's start."""
-    return encode.encode_prompt(prompt_messages(fields, data_section), tokenizer, data_section.date_string)
+def prompt(row: Row, data_section, tokenizer) -> encode.Encoded:
+    """The prompt exactly as training encoded that part of the row, ending where the answer starts (its images
+    ride along in `.images`)."""
+    return encode.encode_prompt(prompt_messages(row, data_section), tokenizer, data_section.date_string)
 
 
-def question_ids(text: str, data_section, tokenizer) -> list[int]:
-    """A free question (toolkit generate) as one user turn, with the recipe's system prompt and pinned date."""
+def prompt_ids(row: Row, data_section, tokenizer) -> list[int]:
+    return prompt(row, data_section, tokenizer).input_ids
+
+
+def reference(row: Row, data_section) -> str:
+    """The answer a row expects (the last assistant turn's text)."""
+    return formatters.answer_text(conversation(row, data_section))
+
+
+def question_prompt(text: str, data_section, tokenizer, image: str | None = None) -> encode.Encoded:
+    """A free question (toolkit generate) as one user turn, with the recipe's system prompt and pinned date;
+    with an image, the image comes first and there is no system prompt (the template refuses the two together)."""
+    if image and data_section.system_prompt:
+        raise ToolkitError("--image: the run's recipe sets data.system_prompt, and Llama 3.2 Vision's template "
+                           "refuses a system prompt beside an image")
     messages = [{"role": "system", "content": data_section.system_prompt}] if data_section.system_prompt else []
-    messages.append({"role": "user", "content": text})
+    content = formatters.with_images(text, [str(Path(image).expanduser().resolve())] if image else [])
+    messages.append({"role": "user", "content": content})
     return encode.encode_prompt(messages, tokenizer, data_section.date_string)
 
 
@@ -135,38 +192,59 @@ class Encoding:
 
     rows: list[Row] = field(default_factory=list)
     examples: list[encode.Encoded] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)  # before any cut, for the length report
+    lengths: list[int] = field(default_factory=list)  # every row read, before any cut, for the length report
+    kept_lengths: list[int] = field(default_factory=list)  # the kept rows' lengths before any cut
     truncated: int = 0  # cut to the limit, some answer left
     dropped_long: int = 0  # over the limit with data.too_long=drop
     dropped_empty: int = 0  # truncation would have left no answer token
-    special_text: list[str] = field(default_factory=list)  # file:line of rows holding special-token text
+    dropped_image: int = 0  # truncation would have cut an image token away
+    special_text: list[str] = field(default_factory=list)  # where rows hold special-token text
 
     @property
     def dropped(self) -> int:
-        return self.dropped_long + self.dropped_empty
+        return self.dropped_long + self.dropped_empty + self.dropped_image
+
+    @property
+    def image_rows(self) -> int:
+        return sum(bool(e.images) for e in self.examples)
+
+
+def fit_to_limit(encoded: encode.Encoded, limit: int, data_section, image_token_id: int | None, result: Encoding):
+    """The row within `limit` tokens, or None when it has to be dropped; counts what happened."""
+    if len(encoded.input_ids) <= limit:
+        return encoded
+    if data_section.too_long == "drop":
+        result.dropped_long += 1
+        return None
+    cut = encode.truncate(encoded, limit)
+    if cut is None:
+        result.dropped_empty += 1
+        return None
+    if image_token_id is not None and cut.input_ids.count(image_token_id) < encoded.input_ids.count(image_token_id):
+        result.dropped_image += 1
+        return None
+    result.truncated += 1
+    return cut
 
 
 def encode_rows(rows: list[Row], data_section, tokenizer, limit: int) -> Encoding:
-    """Encode every row; cut or drop rows over `limit` tokens as data.too_long says, counting each case."""
+    """Encode every row; cut or drop rows over `limit` tokens as data.too_long says, counting each case. A cut
+    never removes an image token: such a row is dropped and counted."""
     result = Encoding()
     specials = encode.special_token_texts(tokenizer)
+    image_token_id = tokenizer.convert_tokens_to_ids(vision.IMAGE_TOKEN) if vision.IMAGE_TOKEN in \
+        tokenizer.get_vocab() else None
     for row in rows:
-        messages = conversation(row.fields, data_section)
+        messages = conversation(row, data_section)
         if encode.special_text_in(messages, specials):
-            result.special_text.append(f"{row.source}:{row.line}")
+            result.special_text.append(row.where or f"{row.source}:{row.line}")
         encoded = encode.encode_conversation(messages, tokenizer, data_section.date_string, data_section.train_on)
         result.lengths.append(len(encoded.input_ids))
-        if len(encoded.input_ids) > limit:
-            if data_section.too_long == "drop":
-                result.dropped_long += 1
-                continue
-            encoded = encode.truncate(encoded, limit)
-            if encoded is None:
-                result.dropped_empty += 1
-                continue
-            result.truncated += 1
-        result.rows.append(row)
-        result.examples.append(encoded)
+        fitted = fit_to_limit(encoded, limit, data_section, image_token_id, result)
+        if fitted is not None:
+            result.rows.append(row)
+            result.examples.append(fitted)
+            result.kept_lengths.append(len(encoded.input_ids))
     return result
 
 
@@ -176,11 +254,14 @@ def percentiles(values: list[int], points=(50, 90, 99, 100)) -> dict[str, int]:
 
 
 def to_dataset(examples: list[encode.Encoded]):
-    """Pre-tokenized rows in the columns TRL reads as they are (`input_ids`, `completion_mask`)."""
+    """Pre-tokenized rows in the columns TRL reads as they are (`input_ids`, `completion_mask`), plus
+    `image_paths` when any row has an image (read by `toolkit.vision.VisionCollator`)."""
     from datasets import Dataset
 
-    return Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
-                              "completion_mask": [e.completion_mask for e in examples]})
+    columns = {"input_ids": [e.input_ids for e in examples], "completion_mask": [e.completion_mask for e in examples]}
+    if any(e.images for e in examples):
+        columns["image_paths"] = [list(e.images) for e in examples]
+    return Dataset.from_dict(columns)
 
 
 def read_glossary(path: str) -> list[str]:

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 from toolkit.errors import ToolkitError
+from toolkit.formatters import images_in
 
 END_OF_TURN = "<|eot_id|>"
 OPEN, CLOSE = "\ue000", "\ue001"  # private-use characters: no template writes them
@@ -29,10 +30,12 @@ PLACEHOLDER = re.compile(f"{OPEN}(\\d+){CLOSE}")
 
 @dataclass(frozen=True)
 class Encoded:
-    """One training row: token ids and, per token, 1 where the loss applies."""
+    """One training row: token ids, per token 1 where the loss applies, and the row's image paths in the order
+    their `<|image|>` tokens appear."""
 
     input_ids: list[int]
     completion_mask: list[int]
+    images: tuple[str, ...] = ()
 
     @property
     def learned(self) -> int:
@@ -89,8 +92,9 @@ def end_of_turn_id(tokenizer) -> int:
 
 
 def learned_messages(messages: list[dict], train_on: str) -> set[int]:
+    """Which assistant turns the loss covers: "all", "last", or "none" (a prompt)."""
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    return set(assistant[-1:] if train_on == "last" else assistant)
+    return set() if train_on == "none" else set(assistant[-1:] if train_on == "last" else assistant)
 
 
 def encode_conversation(messages: list[dict], tokenizer, date_string: str, train_on: str = "all",
@@ -114,19 +118,19 @@ def encode_conversation(messages: list[dict], tokenizer, date_string: str, train
             tail[: upto + 1] = [1] * (upto + 1)
         ids += following
         mask += tail
-    return Encoded(ids, mask)
+    return Encoded(ids, mask, tuple(images_in(messages)))
 
 
-def encode_prompt(messages: list[dict], tokenizer, date_string: str) -> list[int]:
-    """Ids of a prompt that ends where the assistant's answer starts (for generation)."""
-    return encode_conversation(messages, tokenizer, date_string, add_generation_prompt=True).input_ids
+def encode_prompt(messages: list[dict], tokenizer, date_string: str) -> Encoded:
+    """A prompt that ends where the assistant's answer starts (for generation); nothing in it is learned."""
+    return encode_conversation(messages, tokenizer, date_string, train_on="none", add_generation_prompt=True)
 
 
 def truncate(encoded: Encoded, limit: int) -> Encoded | None:
     """The first `limit` tokens; None when nothing learned would be left (the row would teach nothing)."""
     if len(encoded.input_ids) <= limit:
         return encoded
-    cut = Encoded(encoded.input_ids[:limit], encoded.completion_mask[:limit])
+    cut = Encoded(encoded.input_ids[:limit], encoded.completion_mask[:limit], encoded.images)
     return cut if cut.learned else None
 
 

@@ -142,6 +142,28 @@ def load_model(recipe, precision: str, device: Accelerator, quantize: bool = Tru
         raise ToolkitError(f"cannot load '{recipe.model.name}': {str(err).splitlines()[0]}") from None
 
 
+def check_skip_modules(quantization, model) -> None:
+    """Refuse `quantization.skip_modules` entries that keep nothing unquantized, by the rule the loader applies
+    (transformers' `should_convert_module`: a name matches a module path from its start, as a regex, or as its
+    end), so `vision_model` is not silently ignored where `model.vision_model` was meant."""
+    if quantization.mode == "none" or not quantization.skip_modules:
+        return
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:  # a transformers without this rule: nothing to check against
+        return
+    import torch
+
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    unmatched = [entry for entry in quantization.skip_modules
+                 if all(should_convert_module(name, [entry]) for name in linear)]
+    if unmatched:
+        example = "model.vision_model" if any(name.startswith("model.vision_model.") for name in linear) else "model"
+        raise ToolkitError(f"quantization.skip_modules: {', '.join(map(repr, unmatched))} match no linear layer of "
+                           f"this model; an entry matches a module path from its start (e.g. {example}) or its end "
+                           "(e.g. lm_head)")
+
+
 def meta_model(config):
     """The architecture with no weights, for checking module names (LoRA targets) without loading anything."""
     import torch

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from rich.markup import escape
 
-from toolkit import data, lora, modeling
+from toolkit import data, lora, modeling, sampling, trackers, vision
 from toolkit.errors import ToolkitError
 from toolkit.report import console, show
 from toolkit.translate import Accelerator, resolve_precision
@@ -27,6 +27,8 @@ class Prepared:
     train: data.Encoding
     eval: data.Encoding
     lora_modules: list[str] = field(default_factory=list)
+    image_spec: vision.ImageSpec | None = None
+    image_tiles: dict[str, int] = field(default_factory=dict)  # tiles of content per image path
 
     @property
     def train_rows(self) -> list:
@@ -63,6 +65,7 @@ def prepare(recipe, device: Accelerator | None = None) -> Prepared:
     device = device or modeling.detect_accelerator()
     precision = resolve_precision(recipe.train.precision, device)
     check_kernels(recipe.train, device)
+    trackers.check_installed(recipe.train.report_to)
     train_rows, eval_rows = data.load_splits(recipe.data, recipe.train.seed)
     model_config = modeling.load_config(recipe.model.name, recipe.model.revision)
     tokenizer = modeling.load_tokenizer(recipe.model.name, recipe.model.revision)
@@ -70,9 +73,38 @@ def prepare(recipe, device: Accelerator | None = None) -> Prepared:
     train = data.encode_rows(train_rows, recipe.data, tokenizer, limit)
     check_rows_left(train, limit, "data.train")
     evals = data.encode_rows(eval_rows, recipe.data, tokenizer, limit)
+    sampling.check_recipe(recipe, evals.rows)
     prepared = Prepared(recipe, device, precision, tokenizer, model_config, train, evals)
-    prepared.lora_modules = lora.resolve_targets(modeling.meta_model(model_config), recipe.lora)
+    if train.image_rows or evals.image_rows:
+        measure_images(prepared)
+    meta = modeling.meta_model(model_config)
+    modeling.check_skip_modules(recipe.quantization, meta)  # before LoRA renames the wrapped layers
+    prepared.lora_modules = lora.resolve_targets(meta, recipe.lora)
     return prepared
+
+
+def measure_images(prepared: Prepared) -> None:
+    """Check the model can read images, and how many tiles each image fills under the recipe's cap."""
+    recipe = prepared.recipe
+    if not modeling.is_vision_config(prepared.model_config):
+        raise ToolkitError(f"{prepared.train.image_rows + prepared.eval.image_rows} rows have images, but "
+                           f"{recipe.model.name} is not a vision model; use Llama 3.2 Vision or drop the images")
+    processor = modeling.load_processor(recipe.model.name, recipe.model.revision)
+    if processor is None:
+        raise ToolkitError(f"{recipe.model.name} has no image processor (processor_config.json); the checkpoint "
+                           "folder is incomplete")
+    prepared.image_spec = vision.image_spec(processor, prepared.model_config, recipe.data.max_image_tiles)
+    paths = {path for e in prepared.train.examples + prepared.eval.examples for path in e.images}
+    prepared.image_tiles = {p: vision.tiles_for(vision.image_size(p), prepared.image_spec) for p in sorted(paths)}
+
+
+def image_note(p: Prepared) -> str:
+    spec = p.image_spec
+    images = sum(len(e.images) for e in p.train.examples)
+    tiles = data.percentiles(list(p.image_tiles.values()))
+    return (f"{p.train.image_rows} train rows with {images} images; tiles/image p50 {tiles['p50']} max "
+            f"{tiles['p100']} (cap {spec.max_tiles} of {spec.model_max_tiles}); vision tokens/image "
+            f"{spec.vision_tokens_per_image:,} (every image is padded to {spec.model_max_tiles} tiles)")
 
 
 def length_note(encoding: data.Encoding, limit: int) -> str:
@@ -84,6 +116,8 @@ def length_note(encoding: data.Encoding, limit: int) -> str:
         parts.append(f"{encoding.dropped_long} dropped")
     if encoding.dropped_empty:
         parts.append(f"{encoding.dropped_empty} dropped (no answer token left after the cut)")
+    if encoding.dropped_image:
+        parts.append(f"{encoding.dropped_image} dropped (the cut would remove an image)")
     return ", ".join(parts)
 
 
@@ -106,6 +140,8 @@ def show_plan(p: Prepared) -> None:
     ]
     if p.eval.lengths:
         rows.insert(9, ["eval rows too long", length_note(p.eval, limit)])
+    if p.image_spec:
+        rows.insert(8, ["images", image_note(p)])
     show("Plan", ["setting", "value"], rows)
     special = p.train.special_text + p.eval.special_text
     if special:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +42,9 @@ class QuantizationSection(Section):
     double_quant: bool = Field(True, description="4-bit: quantize the quantization constants too (saves ~0.4 bit/param).")
     compute_dtype: Precision = Field("auto", description="4-bit matmul dtype; auto follows train.precision.")
     int8_threshold: float = Field(6.0, ge=0, description="8-bit: outlier threshold (LLM.int8()).")
+    int8_matmul: Literal["dequantize", "int8"] = Field(
+        "dequantize", description="8-bit: dequantize each weight to the compute dtype for a plain matmul (fast, keeps "
+        "no inputs), or bitsandbytes' LLM.int8() matmul (int8_threshold applies only to that).")
     skip_modules: list[str] | None = Field(
         None, description="Modules left unquantized. Unset: transformers keeps lm_head unquantized; a list replaces "
         "that default, so name lm_head in it to keep it so."
@@ -77,11 +81,12 @@ class LoraSection(Section):
 
 
 class DataSection(Section):
-    train: str = Field(description="Training rows, JSON Lines.")
-    eval: str | None = Field(None, description="Held-out rows, JSON Lines.")
+    train: str | list[str] = Field(description="Training rows: a data file, or a list of files read in order.")
+    eval: str | list[str] | None = Field(None, description="Held-out rows: a data file or a list of files.")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Hold out this share of train when eval is not given.")
     formatter: str = Field("alpaca", description="How a row becomes a conversation.")
-    system_prompt: str | None = Field(None, description="System message for every row (text-only rows).")
+    system_prompt: str | None = Field(None, description="System message for every row (text-only rows: Llama 3.2 "
+                                      "Vision's template refuses one beside an image).")
     too_long: Literal["truncate", "drop"] = Field(
         "truncate", description="Rows longer than train.max_seq_length: cut them (a row left with no answer token "
         "is dropped) or drop them; both are counted and reported."
@@ -91,12 +96,24 @@ class DataSection(Section):
     )
     glossary: str | None = Field(None, description="Term list (one per line) for eval when rows carry no terms.")
     date_string: str = Field("26 Jul 2024", description="Date the chat template stamps in; pinned so text is stable.")
+    image_root: str | None = Field(None, description="Folder that relative image paths start from (default: the "
+                                   "folder of the data file naming them).")
+    max_image_tiles: int | None = Field(None, ge=1, le=64, description="Cap on tiles per image (default: the "
+                                        "model's); fewer tiles means lower resolution.")
 
     @field_validator("formatter")
     @classmethod
     def _known_formatter(cls, value: str) -> str:
         if value not in FORMATTERS:
             raise ValueError(f"unknown formatter '{value}'; choose one of: {', '.join(sorted(FORMATTERS))}")
+        return value
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _files_named(cls, value):
+        files = [value] if isinstance(value, str) else value
+        if files is not None and (not files or not all(name.strip() for name in files)):
+            raise ValueError("name at least one data file, none empty")
         return value
 
     @model_validator(mode="after")
@@ -109,7 +126,10 @@ class DataSection(Section):
 class TrainSection(Section):
     epochs: float = Field(3, gt=0, le=10_000, description="Passes over the training rows (ignored when max_steps is set).")
     max_steps: int | None = Field(None, gt=0, le=MAX_COUNT, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(2, gt=0, le=65_536, description="Rows per device per micro-batch.")
+    batch_size: int | Literal["auto"] = Field(
+        2, description="Rows per device per micro-batch; auto: the most that fit train.memory_budget_gib.")
+    memory_budget_gib: float = Field(68.0, gt=0, le=100_000, description="GPU memory batch_size: auto may plan "
+                                     "for (the default fits an 80 GB card with headroom).")
     grad_accum: int = Field(1, gt=0, le=65_536, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear")
@@ -123,11 +143,38 @@ class TrainSection(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (slower).")
     group_by_length: bool = Field(False, description="Batch rows of similar length together (less padding).")
     liger_kernel: bool = Field(False, description="Use Liger's fused kernels (GPU, needs liger-kernel).")
+    fused_lora: bool = Field(True, description="Run each LoRA layer as one autograd function that keeps only "
+                             "its input (toolkit.fastlora); false: PEFT's own layers.")
+    token_metrics: bool = Field(False, description="Log TRL's per-step entropy and token accuracy (costs a "
+                                "device sync per micro-batch).")
     logging_steps: int = Field(10, gt=0, le=MAX_COUNT)
     save_steps: int = Field(200, gt=0, le=MAX_COUNT, description="Checkpoint every this many steps.")
     save_total_limit: int | None = Field(2, gt=0, le=MAX_COUNT, description="Keep at most this many checkpoints.")
     eval_steps: int | None = Field(None, gt=0, le=MAX_COUNT,
                                    description="Evaluate loss on the eval rows every this many steps.")
+    report_to: str | list[str] = Field("none", description="Experiment trackers the Trainer reports to (one name "
+                                       "or a list: tensorboard, wandb, mlflow, trackio, ...); none: only the run "
+                                       "directory's metrics.json.")
+    sample_every: int | None = Field(None, gt=0, le=MAX_COUNT, description="Every this many steps, answer the "
+                                     "first sample_rows eval rows greedily and log their term accuracy.")
+    sample_rows: int = Field(4, gt=0, le=1000, description="Eval rows answered at each sample_every step.")
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, value):
+        from toolkit.trackers import schema_problem
+
+        problem = schema_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _rows_or_auto(cls, value):
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 65_536):
+            raise ValueError(f"give a number of rows from 1 to 65536, or auto (got {value!r})")
+        return value
 
     @field_validator("optim")
     @classmethod
@@ -151,6 +198,13 @@ class Recipe(Section):
     train: TrainSection = TrainSection()
     output_dir: str | None = Field(None, description="Run directory; default runs/<recipe file name>.")
 
+    @field_validator("output_dir")
+    @classmethod
+    def _a_directory(cls, value):
+        if value is not None and not value.strip():  # "" would mean the current directory
+            raise ValueError("give a directory, or leave output_dir out for runs/<recipe file name>")
+        return value
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value), the value read as YAML so numbers, booleans and lists keep their type."""
@@ -163,6 +217,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as err:
         raise ToolkitError(f"--set {key.strip()}: the value is not valid YAML ({yaml_problem(err)}); quote it, "
                            f"e.g. --set '{key.strip()}=\"...\"'") from None
+    except RecursionError:
+        raise ToolkitError(f"--set {key.strip()}: the value is nested too deeply to be a setting") from None
     return [part.strip() for part in path], value
 
 
@@ -181,7 +237,7 @@ def apply_overrides(data: Any, overrides: list[str]) -> Any:
                 node[part] = child
             elif not isinstance(child, dict):
                 where = ".".join(path[: depth + 1])
-                raise ToolkitError(f"--set {'.'.join(path)}: {where} is a value ({child!r}), not a section")
+                raise ToolkitError(f"--set {'.'.join(path)}: {where} is a value ({shown(child)}), not a section")
             node = child
         node[path[-1]] = value
     return data
@@ -204,6 +260,14 @@ def _field_path(loc: tuple) -> tuple:
     return tuple(p for p in loc if isinstance(p, int) or not any(c in str(p) for c in "[]") and p != "str")
 
 
+def shown(value) -> str:
+    """A value as an error message quotes it: its repr, cut short (a recipe value can be huge, or hold itself
+    through YAML anchors)."""
+    short = reprlib.Repr()
+    short.maxstring, short.maxother, short.maxlevel = 80, 80, 3
+    return short.repr(value)
+
+
 def describe_error(error: dict) -> str:
     loc = _field_path(error["loc"])
     path = ".".join(str(p) for p in loc) or "(top level)"
@@ -216,10 +280,10 @@ def describe_error(error: dict) -> str:
     if kind == "missing":
         return f"{path}: required key is missing"
     if kind == "literal_error":
-        return f"{path}: {error['input']!r} is not allowed; choose one of: {error['ctx']['expected']}"
+        return f"{path}: {shown(error['input'])} is not allowed; choose one of: {error['ctx']['expected']}"
     message = error["msg"].removeprefix("Value error, ")
     if kind.endswith("_type") or kind.endswith("_parsing"):
-        return f"{path}: {message} (got {error['input']!r})"
+        return f"{path}: {message} (got {shown(error['input'])})"
     return f"{path}: {message}"
 
 

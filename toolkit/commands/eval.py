@@ -12,17 +12,17 @@ import argparse
 import json
 from pathlib import Path
 
-from toolkit import data, files, generation, runs, sources, terms
+from toolkit import data, files, formatters, generation, runs, sources, terminal, terms
 from toolkit.errors import ToolkitError
 from toolkit.report import console, show, write_json
-from toolkit.commands.common import positive_int
+from toolkit.commands.common import answer_length, positive_int
 
 METRICS_DIR = Path(__file__).resolve().parent.parent / "metrics"
 METRIC_NAMES = ("term_accuracy", "term_recall", "exact_match")
 EVAL_JSON = "eval.json"
 PREDICTIONS_FILE = "eval_predictions.jsonl"
 EXAMPLES_SHOWN = 3
-EXAMPLE_CHARS = 160
+EXAMPLE_LINES = 4  # lines a table cell may fill; the whole text stays in eval_predictions.jsonl
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,20 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=positive_int, metavar="N", help="evaluate only the first N rows")
     parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                         help="prompts per generate call (default 8)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
+    parser.add_argument("--max-new-tokens", type=answer_length, default=256, metavar="N",
                         help="answer length cap (default 256)")
     parser.add_argument("--no-quantize", action="store_true",
                         help="load the base unquantized even if training quantized it")
     return parser
 
 
-def read_rows(path: str, key: str, formatter: str) -> list[data.Row]:
-    """Parse and check one data file, with an error that names the option or recipe key it came from."""
-    problems = sources.check_exists(path, key)
-    if problems:
-        raise ToolkitError(problems[0])
-    rows, problems = data.parse_rows(Path(path), formatter)
-    data.raise_problems(problems, key)
+def read_rows(paths: str | list[str], key: str, section) -> list[data.Row]:
+    """Parse and check data files, with an error that names the option or recipe key they came from."""
+    rows = []
+    for path in data.file_list(paths):
+        problems = sources.check_exists(path, key)
+        if problems:
+            raise ToolkitError(problems[0])
+        file_rows, problems = data.parse_rows(Path(path), section)
+        data.raise_problems(problems, key)
+        rows += file_rows
     return rows
 
 
@@ -58,9 +61,9 @@ def eval_rows(recipe, data_file: str | None) -> tuple[list[data.Row], str]:
     """
     section = recipe.data
     if data_file:
-        return read_rows(data_file, "--data", section.formatter), data_file
+        return read_rows(data_file, "--data", section), data_file
     if section.eval:
-        return read_rows(section.eval, "data.eval", section.formatter), section.eval
+        return read_rows(section.eval, "data.eval", section), ", ".join(data.file_list(section.eval))
     if section.eval_fraction > 0:
         _, held_out = data.load_splits(section, recipe.train.seed)
         return held_out, f"{section.train} (held-out eval_fraction={section.eval_fraction:g}, seed {recipe.train.seed})"
@@ -77,6 +80,13 @@ def glossary_for(recipe, rows: list[data.Row]) -> list[str] | None:
     if problems:
         raise ToolkitError(problems[0])
     return data.read_glossary(path)
+
+
+def key_terms_for(recipe, rows: list[data.Row], references: list[str]) -> list[list[str] | None]:
+    """Each row's key terms: its own `terms`, else the glossary's terms in its reference answer (toolkit.terms)."""
+    glossary = glossary_for(recipe, rows)
+    return [terms.key_terms({"terms": row.fields.get("terms"), "output": reference}, glossary)
+            for row, reference in zip(rows, references)]
 
 
 def load_metrics() -> dict:
@@ -107,9 +117,7 @@ def cell(value, signed: bool = False) -> str:
 
 
 def show_summary(tuned: dict, base: dict | None, source: str) -> None:
-    from rich.markup import escape
-
-    title = escape(f"Eval: {tuned['n_examples']} rows from {source}")
+    title = f"Eval: {tuned['n_examples']} rows from {source}"  # report.table shows titles as plain text
     if base is None:
         show(title, ["metric", "tuned"], [[name, cell(tuned[name])] for name in METRIC_NAMES])
         return
@@ -118,36 +126,55 @@ def show_summary(tuned: dict, base: dict | None, source: str) -> None:
     show(title, ["metric", "base", "tuned", "Δ"], rows)
 
 
-def clip(text: str | None) -> str:
-    text = " ".join((text or "").split())
-    return text if len(text) <= EXAMPLE_CHARS else text[: EXAMPLE_CHARS - 1] + "…"
+def column_width(columns: int) -> int:
+    """Cells per column when `columns` equal columns fill the console (rich adds 3 per column and 1 of borders)."""
+    return max(8, (console.width - 3 * columns - 1) // columns)
+
+
+def clip(text: str | None, width: int):
+    """Data text as a table cell: on one line with terminal controls escaped (`toolkit.terminal.one_line`), then
+    cut to EXAMPLE_LINES lines of `width` cells, the last ending in `…` when something was cut."""
+    from rich.text import Text
+
+    cell = Text(terminal.one_line(text or ""))
+    lines = cell.wrap(console, width, overflow="fold")
+    if len(lines) <= EXAMPLE_LINES:
+        return cell
+    kept = lines[:EXAMPLE_LINES]
+    kept[-1].truncate(width - 1)
+    kept[-1].rstrip()  # also the space rich pads with where a wide character did not fit
+    kept[-1].append("…")
+    return Text("\n").join(kept)
 
 
 def show_examples(records: list[dict], compare: bool) -> None:
     """A few rows side by side, so a number in the summary can be checked against real answers."""
     from rich.table import Table
-    from rich.text import Text
 
     table = Table(title="Examples", title_justify="left", show_lines=True)
     columns = ["input", "reference", "tuned"] + (["base"] if compare else []) + ["missing terms"]
+    width = column_width(len(columns))
     for name in columns:
-        table.add_column(name, overflow="fold")
+        table.add_column(name, width=width, overflow="fold")
     for record in records[:EXAMPLES_SHOWN]:
         missing = "n/a" if record["terms_missing"] is None else ", ".join(record["terms_missing"]) or "-"
         values = [record["input"] or record["instruction"], record["reference"], record["prediction"]]
         values += [record["base_prediction"]] if compare else []
-        table.add_row(*[Text(clip(v)) for v in values + [missing]])
+        table.add_row(*[clip(value, width) for value in values + [missing]])
     console.print(table)
 
 
-def prediction_records(rows, key_terms, tuned: list[str], base: list[str] | None) -> list[dict]:
+def prediction_records(rows, section, key_terms, tuned: list[str], base: list[str] | None) -> list[dict]:
     """One record per row for eval_predictions.jsonl: what was asked, expected, answered and which terms were missed."""
     records = []
     for i, row in enumerate(rows):
+        conversation = data.conversation(row, section)
         record = {
+            "question": formatters.question_text(conversation),
             "instruction": row.fields.get("instruction"),
             "input": row.fields.get("input"),
-            "reference": row.fields.get("output"),
+            "images": formatters.images_in(conversation),
+            "reference": formatters.answer_text(conversation),
             "prediction": tuned[i],
         }
         if base is not None:
@@ -159,15 +186,30 @@ def prediction_records(rows, key_terms, tuned: list[str], base: list[str] | None
 
 
 def write_predictions(path: Path, records: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    files.write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def check_outputs(run_dir: Path, json_path: Path) -> None:
-    """Fail before the slow part if the results could not be written."""
+    """Fail before the slow part if the results could not be written: a writable run directory, and a summary
+    path in a writable folder that is new or an earlier eval summary (a user's own file is never replaced)."""
     if not files.writable(run_dir):
         raise ToolkitError(f"cannot write {PREDICTIONS_FILE} into {run_dir}: the directory is not writable")
+    if json_path.is_dir():
+        raise ToolkitError(f"cannot write the summary to {json_path}: it is a directory; give --json a file name, "
+                           f"e.g. {json_path / EVAL_JSON}")
+    if json_path.exists():
+        try:
+            earlier = json.loads(json_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and {"n_examples", "run_dir"} <= earlier.keys()):
+            raise ToolkitError(f"--json {json_path} exists and is not an eval summary; eval only replaces its own. "
+                               "Choose another file")
     if not json_path.parent.is_dir():
         raise ToolkitError(f"--json: folder {json_path.parent} does not exist")
+    if not files.writable(json_path.parent):
+        raise ToolkitError(f"cannot write the summary to {json_path}: folder {json_path.parent} is not writable; "
+                           "choose another --json")
 
 
 def main(argv: list[str]) -> int:
@@ -178,21 +220,21 @@ def main(argv: list[str]) -> int:
     recipe = runs.open_run(run_dir)
     rows, source = eval_rows(recipe, args.data)
     rows = rows[: args.limit] if args.limit else rows
-    glossary = glossary_for(recipe, rows)
-    key_terms = [terms.key_terms(row.fields, glossary) for row in rows]
+    references = [data.reference(row, recipe.data) for row in rows]
+    key_terms = key_terms_for(recipe, rows, references)
     json_path = Path(args.json) if args.json else run_dir / EVAL_JSON
     check_outputs(run_dir, json_path)
     metrics = load_metrics()
 
     model, tokenizer, recipe = runs.load_trained(run_dir, quantize=not args.no_quantize)
-    prompts = [data.prompt_ids(row.fields, recipe.data, tokenizer) for row in rows]
-    references = [row.fields["output"] for row in rows]
+    prompts = [data.prompt(row, recipe.data, tokenizer) for row in rows]
+    images = runs.image_inputs(recipe, tokenizer) if any(p.images for p in prompts) else None
     settings = (tokenizer, prompts, args.batch_size, args.max_new_tokens)
-    tuned_answers = generation.generate_answers(model, *settings, label="tuned")
+    tuned_answers = generation.generate_answers(model, *settings, label="tuned", images=images)
     base_answers = None
     if args.compare_base:
         with model.disable_adapter():
-            base_answers = generation.generate_answers(model, *settings, label="base")
+            base_answers = generation.generate_answers(model, *settings, label="base", images=images)
 
     summary = score(metrics, tuned_answers, references, key_terms)
     base = score(metrics, base_answers, references, key_terms) if base_answers is not None else None
@@ -200,7 +242,7 @@ def main(argv: list[str]) -> int:
     if summary["term_accuracy"] is None:
         console.print("term metrics n/a: the rows have no 'terms' and the recipe names no data.glossary "
                       "(or no glossary term occurs in the references)")
-    records = prediction_records(rows, key_terms, tuned_answers, base_answers)
+    records = prediction_records(rows, recipe.data, key_terms, tuned_answers, base_answers)
     show_examples(records, base is not None)
 
     if base is not None:
@@ -209,5 +251,5 @@ def main(argv: list[str]) -> int:
     summary.update({"data": source, "run_dir": str(run_dir)})
     write_json(json_path, summary)
     write_predictions(run_dir / PREDICTIONS_FILE, records)
-    console.print(f"Wrote {json_path} and {run_dir / PREDICTIONS_FILE}")
+    console.print(f"Wrote {json_path} and {run_dir / PREDICTIONS_FILE}", markup=False, soft_wrap=True)
     return 0

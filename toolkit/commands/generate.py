@@ -11,19 +11,20 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from toolkit import data, generation, runs
+from toolkit import data, files, generation, runs, vision
 from toolkit.errors import ToolkitError
 from toolkit.report import console
-from toolkit.commands.common import positive_int
+from toolkit.terminal import visible
+from toolkit.commands.common import answer_length
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toolkit generate", description="Answer one prompt with a run's model.")
     parser.add_argument("run_dir", help="a finished run directory (from toolkit sft)")
     parser.add_argument("prompt", help='the user turn; a typed "\\n" becomes a line break')
-    parser.add_argument("--image", help="an image for the prompt (not supported yet)")
+    parser.add_argument("--image", metavar="FILE", help="an image the question is about (vision models)")
     parser.add_argument("--base", action="store_true", help="answer with the base model (adapter switched off)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="answer length limit (default 256)")
+    parser.add_argument("--max-new-tokens", type=answer_length, default=256, help="answer length limit (default 256)")
     return parser
 
 
@@ -35,13 +36,22 @@ def user_text(prompt: str) -> str:
     return text
 
 
-def prompt_ids(text: str, recipe, tokenizer):
-    """The question as one user turn, rendered as training rendered rows (system prompt, pinned date); the
-    template already holds the BOS token."""
-    import torch
+def check_image(path: str | None) -> None:
+    """A one-line error before any model loads when --image is not a readable image."""
+    if path:
+        problem = vision.image_problem(files.expand(path))
+        if problem:
+            raise ToolkitError(f"--image: {problem}")
 
-    ids = torch.tensor([data.question_ids(text, recipe.data, tokenizer)])
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+def prompt_ids(text: str, recipe, tokenizer, image: str | None = None) -> dict:
+    """The question as one user turn, rendered as training rendered rows (system prompt, pinned date; with
+    --image, the image first and no system prompt), with the image's inputs for the model."""
+    prompt = data.question_prompt(text, recipe.data, tokenizer, str(files.expand(image)) if image else None)
+    images = runs.image_inputs(recipe, tokenizer) if prompt.images else None
+    if prompt.images and images is None:
+        raise ToolkitError(f"--image: {recipe.model.name} is not a vision model; it cannot read images")
+    return generation.prompt_batch(tokenizer, [prompt], "cpu", images)
 
 
 def generate(model, tokenizer, encoded, max_new_tokens: int, base: bool) -> int:
@@ -49,7 +59,13 @@ def generate(model, tokenizer, encoded, max_new_tokens: int, base: bool) -> int:
     import torch
     from transformers import TextStreamer
 
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    class VisibleStreamer(TextStreamer):
+        """An answer is model output: control characters in it are shown as escapes, never sent to the terminal."""
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            super().on_finalized_text(visible(text), stream_end)
+
+    streamer = VisibleStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     device = next(model.parameters()).device
     encoded = {key: value.to(device) for key, value in encoded.items()}
     with model.disable_adapter() if base else nullcontext(), torch.no_grad():
@@ -61,13 +77,13 @@ def generate(model, tokenizer, encoded, max_new_tokens: int, base: bool) -> int:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.image:
-        raise ToolkitError("--image: rows with images are not supported yet; generate answers text prompts only")
     text = user_text(args.prompt)
+    check_image(args.image)
     model, tokenizer, recipe = runs.load_trained(Path(args.run_dir))
-    encoded = prompt_ids(text, recipe, tokenizer)
+    encoded = prompt_ids(text, recipe, tokenizer, args.image)
     which = "base model, adapter off" if args.base else "base + adapter"
-    console.print(f"[dim]{args.run_dir} ({which}), greedy, at most {args.max_new_tokens} new tokens[/]", soft_wrap=True)
+    console.print(f"{args.run_dir} ({which}), greedy, at most {args.max_new_tokens} new tokens", style="dim",
+                  markup=False, soft_wrap=True)
     started = time.time()
     count = generate(model, tokenizer, encoded, args.max_new_tokens, args.base)
     seconds = time.time() - started

@@ -11,13 +11,15 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from rich.markup import escape
 
-from toolkit import data, files, modeling, runs
+from toolkit import data, files, formatters, generation, lora, modeling, runs, serving
+from toolkit.commands.common import positive_number
 from toolkit.errors import ToolkitError
 from toolkit.report import console, show, write_json
 from toolkit.translate import DTYPE_NAMES, resolve_precision
@@ -28,7 +30,7 @@ from toolkit.translate import DTYPE_NAMES, resolve_precision
 # The defaults leave about 70x / 3x / 3x of margin over the deep models.
 RELATIVE_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-1}
 VERIFY_ROWS = 4
-FALLBACK_ROW = {"instruction": "다음 건설 용어를 설명하세요.", "input": "거푸집"}
+FALLBACK_QUESTION = "다음 건설 용어를 설명하세요.\n\n거푸집"
 REPORT_FILE = "merge_report.json"
 KIND = "merged"
 
@@ -42,12 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES),
                         help="dtype of the merged weights (default: the run's base dtype)")
     shares = ", ".join(f"{name} {share:g}" for name, share in RELATIVE_TOLERANCE.items())
-    parser.add_argument("--tolerance", type=float, metavar="X",
+    parser.add_argument("--tolerance", type=positive_number, metavar="X",
                         help="largest allowed max |Δlogit| against base + adapter "
                              f"(default: this share of the largest |logit|, by dtype: {shares})")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    parser.add_argument("--max-shard-size", type=shard_size, default="5GB",
+                        help="largest safetensors shard, e.g. 500MB (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
     return parser
+
+
+def shard_size(text: str) -> str:
+    """argparse type for --max-shard-size, checked before merging rather than when the shards are written."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB|TB)\s*", text, flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"give a size such as 500MB or 5GB, got {text!r}")
+    return text
 
 
 def check_output(out: Path, run_dir: Path, overwrite: bool) -> None:
@@ -85,29 +96,56 @@ def load_unmerged(run_dir: Path, recipe, dtype: str, device):
                                quantize=False)
 
 
-def verify_rows(recipe) -> list[dict]:
-    """A few of the run's eval rows (train rows if it has none); a fixed prompt if the data files have moved."""
-    path = recipe.data.eval or recipe.data.train
-    if not Path(path).is_file():
-        console.print(f"[yellow]note:[/] {path} not found; verifying on one fixed prompt", soft_wrap=True)
-        return [FALLBACK_ROW]
-    rows, _ = data.parse_rows(Path(path), recipe.data.formatter)
-    return [row.fields for row in rows[:VERIFY_ROWS]] or [FALLBACK_ROW]
+def data_rows(recipe) -> list[data.Row]:
+    """The run's eval rows (train rows if it has none) that can still be read; [] if the files have moved."""
+    rows = []
+    for path in data.file_list(recipe.data.eval) or data.file_list(recipe.data.train):
+        if Path(path).exists():  # a file, or a folder saved by datasets
+            rows += data.parse_rows(Path(path), recipe.data)[0]
+    return rows
 
 
-def encode_prompts(rows: list[dict], recipe, tokenizer) -> list:
-    """Token ids of each prompt as training rendered it; one tensor per prompt, so no padding enters the logits."""
-    import torch
+def adapter_reads_images(model) -> bool:
+    """Whether the adapter sits where only image rows reach: cross-attention layers or the vision tower."""
+    cross = lora.cross_attention_layers(model.config)
+    return any("lora_A" in name and lora.part_of(name, cross) in ("cross-attention", "vision")
+               for name, _ in model.named_modules())
 
-    return [torch.tensor([data.prompt_ids(fields, recipe.data, tokenizer)]) for fields in rows]
+
+def verify_prompts(recipe, tokenizer, with_image: bool, scratch: Path) -> list:
+    """A few of the run's own prompts, and image prompts too when the adapter reads images (otherwise those
+    adapters would go unchecked); fixed prompts when the data files have moved."""
+    rows = data_rows(recipe)
+    text_rows = [r for r in rows if not formatters.images_in(data.conversation(r, recipe.data))][:VERIFY_ROWS]
+    image_rows = [r for r in rows if formatters.images_in(data.conversation(r, recipe.data))][:VERIFY_ROWS]
+    prompts = [data.prompt(row, recipe.data, tokenizer) for row in text_rows + (image_rows if with_image else [])]
+    if not text_rows:
+        console.print("[yellow]note:[/] the run's data files were not found; verifying on a fixed prompt",
+                      soft_wrap=True)
+        prompts.insert(0, data.question_prompt(FALLBACK_QUESTION, recipe.data, tokenizer))
+    if with_image and not image_rows:
+        prompts.append(data.question_prompt(FALLBACK_QUESTION, recipe.data.model_copy(update={"system_prompt": None}),
+                                            tokenizer, str(fallback_image(scratch))))
+    return prompts
 
 
-def logits(model, prompts: list) -> list:
+def fallback_image(folder: Path) -> Path:
+    """A small drawn image for checking image prompts when the run's own images are not at hand."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (96, 64), (235, 235, 235))
+    ImageDraw.Draw(image).rectangle((16, 12, 80, 52), outline=(40, 40, 40), width=4)
+    path = folder / "verify.png"
+    image.save(path)
+    return path
+
+
+def logits(model, batches: list[dict]) -> list:
     import torch
 
     device = next(model.parameters()).device
     with torch.no_grad():
-        return [model(input_ids=ids.to(device)).logits.float().cpu() for ids in prompts]
+        return [model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu() for batch in batches]
 
 
 def max_delta(a: list, b: list) -> float:
@@ -125,15 +163,14 @@ def quantized_base_note(recipe, dtype: str) -> None:
 
 def save_merged(merged, run_dir: Path, recipe, out: Path, max_shard_size: str) -> None:
     """Weights (safetensors shards; transformers 5 writes nothing else), processor, tokenizer, generation config."""
-    from transformers import AutoTokenizer
-
     merged.save_pretrained(out, max_shard_size=max_shard_size)
     processor = modeling.load_processor(recipe.model.name, recipe.model.revision)
     if processor is not None:
         processor.save_pretrained(out)
-    AutoTokenizer.from_pretrained(str(run_dir)).save_pretrained(out)  # the run's own, over the processor's copy
+    runs.run_tokenizer(run_dir).save_pretrained(out)  # the run's own, over the processor's copy
     if getattr(merged, "generation_config", None) is not None:
         merged.generation_config.save_pretrained(out)
+    files.share_like_plain_files(out)
 
 
 def config_keys(node) -> list[str]:
@@ -163,25 +200,28 @@ def load_saved(out: Path, dtype: str, device):
 
 def merge(run_dir: Path, recipe, out: Path, dtype: str, max_shard_size: str) -> dict:
     """Merge, save into `out`, reload and measure; returns the numbers the verdict is made from."""
-    from transformers import AutoTokenizer
-
+    tokenizer = runs.run_tokenizer(run_dir)  # before the model: damaged files fail in a second
     device = modeling.detect_accelerator()
     model = load_unmerged(run_dir, recipe, dtype, device)
-    prompts = encode_prompts(verify_rows(recipe), recipe, AutoTokenizer.from_pretrained(str(run_dir)))
-    reference = logits(model, prompts)
+    with tempfile.TemporaryDirectory(prefix="toolkit-merge-") as scratch:
+        prompts = verify_prompts(recipe, tokenizer, adapter_reads_images(model), Path(scratch))
+        images = runs.image_inputs(recipe, tokenizer) if any(p.images for p in prompts) else None
+        batches = [generation.prompt_batch(tokenizer, [p], "cpu", images) for p in prompts]
+    reference = logits(model, batches)
     with model.disable_adapter():
-        adapter_effect = max_delta(logits(model, prompts), reference)
+        adapter_effect = max_delta(logits(model, batches), reference)
     merged = model.merge_and_unload()
     save_merged(merged, run_dir, recipe, out, max_shard_size)
     del merged, model
     gc.collect()
     reloaded = load_saved(out, dtype, device)
     return {
-        "max_abs_delta": max_delta(logits(reloaded, prompts), reference),
+        "max_abs_delta": max_delta(logits(reloaded, batches), reference),
         "adapter_effect": adapter_effect,
         "max_abs_logit": max(r.abs().max().item() for r in reference),
         "prompts": len(prompts),
-        "tokens": sum(p.shape[1] for p in prompts),
+        "image_prompts": sum(bool(p.images) for p in prompts),
+        "tokens": sum(len(p.input_ids) for p in prompts),
     }
 
 
@@ -189,13 +229,18 @@ def staging_dir(out: Path) -> Path:
     """A fresh sibling of `out` to build the merged model in; it replaces `out` only once it has passed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
+    staging.chmod(files.usual_mode(directory=True))  # it becomes `out`: readable as a mkdir'd folder would be
     files.write_marker(staging, KIND, complete=False)
     return staging
 
 
-def put_in_place(staging: Path, out: Path) -> None:
-    """Swap the verified model into `out`; an old merged model there (checked to be ours) is removed after."""
+def put_in_place(staging: Path, out: Path, overwrite: bool) -> None:
+    """Swap the verified model into `out`; an old merged model there (checked to be ours, again, since another
+    process may have written it while this one merged) is removed after."""
     old = None
+    if files.entries(out) and not overwrite:
+        raise ToolkitError(f"--output {out} was filled while this merge ran (another process?); nothing was "
+                           "replaced. Pass --overwrite to replace it or choose another directory")
     if out.exists():
         files.check_replaceable(out, KIND, "--output")
         old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
@@ -231,8 +276,9 @@ def main(argv: list[str]) -> int:
         if not report["passed"]:
             return verdict(out, report, traces)
         write_json(staging / REPORT_FILE, report)
+        serving.write_serving_files(staging, out.name, dtype, str(run_dir))  # SERVING.md, Modelfile: swapped in with it
         files.write_marker(staging, KIND, complete=True)
-        put_in_place(staging, out)
+        put_in_place(staging, out, args.overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when it was put in place
     return verdict(out, report, traces)
@@ -242,7 +288,7 @@ def show_result(out: Path, report: dict) -> None:
     show("Merged model", ["item", "value"], [
         ["directory", str(out)],
         ["dtype", report["dtype"]],
-        ["prompts (tokens)", f"{report['prompts']} ({report['tokens']})"],
+        ["prompts (tokens)", f"{report['prompts']} ({report['tokens']} tokens, {report['image_prompts']} with an image)"],
         ["max |Δlogit| merged vs base+adapter", f"{report['max_abs_delta']:.3g}"],
         ["tolerance", f"{report['tolerance']:.3g}"],
         ["max |Δlogit| base vs base+adapter", f"{report['adapter_effect']:.3g}"],

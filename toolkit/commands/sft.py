@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from toolkit import data, distributed, files, lora, runs, trainer
+from toolkit import data, distributed, files, lora, memory, runs, sampling, trainer, vision
 from toolkit.batching import length_grouped_order
 from toolkit.commands.common import add_recipe_arguments, positive_int
 from toolkit.errors import ToolkitError
@@ -39,7 +39,8 @@ def training_order(prepared) -> list[int]:
     if not settings.group_by_length:
         return indices
     micro_batch, _ = distributed.per_process_batch(settings.batch_size, settings.grad_accum, distributed.world_size())
-    return length_grouped_order(prepared.lengths, micro_batch, settings.epochs, settings.seed)
+    with_images = [bool(e.images) for e in prepared.train.examples]
+    return length_grouped_order(prepared.lengths, micro_batch, settings.epochs, settings.seed, apart=with_images)
 
 
 def train(prepared, run_dir: Path, resume_from: Path | None, strategy: str = "ddp"):
@@ -48,12 +49,17 @@ def train(prepared, run_dir: Path, resume_from: Path | None, strategy: str = "dd
     train_set = data.to_dataset([examples[i] for i in training_order(prepared)])
     eval_set = data.to_dataset(prepared.eval.examples) if prepared.eval.examples else None
     guard = trainer.FiniteGuard(prepared.precision)
+    collator, settings = None, {}
+    if prepared.train.image_rows or prepared.eval.image_rows:
+        collator, settings = vision.training_collator(recipe, prepared.model_config, prepared.tokenizer,
+                                                      prepared.precision)
     built, prepared.lora_modules = trainer.build_trainer(
         recipe, precision=prepared.precision, device=prepared.device, tokenizer=prepared.tokenizer,
         train_dataset=train_set, eval_dataset=eval_set, output_dir=str(run_dir), strategy=strategy,
-        callbacks=[trainer.RichProgressCallback(), guard],
+        callbacks=[trainer.RichProgressCallback(), guard], data_collator=collator, **settings,
     )
-    show_placement(built.model)
+    sampling.attach(built, prepared, strategy)  # train.sample_every: answers during training
+    show_placement(built.model, prepared.train)
     started = time.time()
     result = trainer.run_training(built, recipe, prepared.precision, strategy, resume_from)
     if guard.problem:
@@ -63,16 +69,25 @@ def train(prepared, run_dir: Path, resume_from: Path | None, strategy: str = "dd
     return built, result, time.time() - started
 
 
-def show_placement(model) -> None:
+def trained_by(part: str, encoding) -> str:
+    """Which rows can train a part's adapters: cross-attention and the vision tower only run for image rows."""
+    if part in ("cross-attention", "vision"):
+        rows = encoding.image_rows
+        return f"image rows only ({rows} of {len(encoding.rows)})" if rows else "nothing: no row has an image"
+    return f"every row ({len(encoding.rows)})"
+
+
+def show_placement(model, encoding) -> None:
     counts = lora.trainable_by_part(model)
     total = sum(p.numel() for p in model.parameters())
-    rows = [[part, n] for part, n in sorted(counts.items())]
-    rows.append(["all trainable", sum(counts.values())])
-    rows.append(["share of model", f"{100 * sum(counts.values()) / max(total, 1):.3f}%"])
-    show("Where the LoRA adapters sit (trainable parameters)", ["part", "params"], rows)
-    if counts.get("cross-attention"):
-        console.print("note: cross-attention layers only run for rows with an image; on text rows their "
-                      f"{counts['cross-attention']:,} adapter parameters stay at their initial values")
+    rows = [[part, n, trained_by(part, encoding)] for part, n in sorted(counts.items())]
+    rows.append(["all trainable", sum(counts.values()), ""])
+    rows.append(["share of model", f"{100 * sum(counts.values()) / max(total, 1):.3f}%", ""])
+    show("Where the LoRA adapters sit (trainable parameters)", ["part", "params", "trained by"], rows)
+    idle = [part for part in ("cross-attention", "vision") if counts.get(part) and not encoding.image_rows]
+    if idle:
+        console.print(f"note: {' and '.join(idle)} adapters only learn from rows with an image and this data has "
+                      "none, so they stay at their initial values")
 
 
 def report_resume(claim) -> None:
@@ -105,9 +120,15 @@ def launch_workers(args, run_dir: Path) -> int:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.output_dir is not None and not args.output_dir.strip():
+        raise ToolkitError("--output-dir is empty; give the run directory")
     run_dir = files.expand(args.output_dir or recipe.output_dir)
     recipe = recipe.model_copy(update={"output_dir": str(run_dir)})
     prepared = prepare(recipe)  # recipe, data and targets fail here, before the run directory is touched
+    prepared.recipe, plan = memory.plan_for(prepared)  # train.batch_size: auto becomes a number here
+    if plan:
+        console.print(f"train.batch_size: auto -> {plan.batch_size} rows (estimated peak "
+                      f"{plan.peak_gib():.1f} GiB of train.memory_budget_gib={plan.budget_gib:g})")
     if distributed.world_size() > 1:  # a worker started by launch_workers, which holds the run directory
         resume_from = runs.resumable_checkpoint(run_dir)[0] if args.resume else None
         train_and_save(prepared, run_dir, resume_from, args.strategy)
