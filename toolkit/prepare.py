@@ -104,7 +104,8 @@ def image_note(p: Prepared) -> str:
     tiles = data.percentiles(list(p.image_tiles.values()))
     return (f"{p.train.image_rows} train rows with {images} images; tiles/image p50 {tiles['p50']} max "
             f"{tiles['p100']} (cap {spec.max_tiles} of {spec.model_max_tiles}); vision tokens/image "
-            f"{spec.vision_tokens_per_image:,} (every image is padded to {spec.model_max_tiles} tiles)")
+            f"{spec.vision_tokens_per_image:,} (the vision tower runs every image as the model's "
+            f"{spec.model_max_tiles} tile{'s' if spec.model_max_tiles > 1 else ''})")
 
 
 def length_note(encoding: data.Encoding, limit: int) -> str:
