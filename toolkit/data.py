@@ -57,7 +57,7 @@ def conversation(row: Row, data_section) -> list[dict]:
 
 
 class ImageChecks:
-    """Each image file is opened once, however many rows name it; remembers sizes for the cost report."""
+    """Each image file is opened and checked once, however many rows name it."""
 
     def __init__(self):
         self.problems: dict[str, str | None] = {}

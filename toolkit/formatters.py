@@ -12,19 +12,16 @@ without problems formats without error.
 
 from __future__ import annotations
 
+from toolkit.sources import json_type_name
+
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 IMAGE_MARKER = "<image>"  # where LLaMA-Factory-style sharegpt rows mark an image in the text
 
 
-def json_type(value) -> str:
-    return {bool: "boolean", int: "number", float: "number", type(None): "null", list: "list", dict: "object",
-            str: "string"}.get(type(value), type(value).__name__)
-
-
 def text_problem(value, name: str, required: bool = True) -> str | None:
     if not isinstance(value, str):
-        return f"{name} must be a string, got {json_type(value)}"
+        return f"{name} must be a string, got {json_type_name(value)}"
     if required and not value.strip():
         return f"{name} is empty"
     return None
@@ -99,7 +96,7 @@ def alpaca_problems(row: dict) -> list[str]:
 
 def part_problems(part, where: str) -> list[str]:
     if not isinstance(part, dict):
-        return [f"{where}: a content part must be an object, got {json_type(part)}"]
+        return [f"{where}: a content part must be an object, got {json_type_name(part)}"]
     kind = part.get("type")
     if kind == "text":
         problem = text_problem(part.get("text"), f"{where}: text part's 'text'")
@@ -160,7 +157,7 @@ def messages_shape_problems(messages, field: str) -> list[str]:
     for number, message in enumerate(messages, start=1):
         where = f"message {number}"
         if not isinstance(message, dict):
-            problems.append(f"{where}: must be an object, got {json_type(message)}")
+            problems.append(f"{where}: must be an object, got {json_type_name(message)}")
         elif message.get("role") not in ROLES:
             problems.append(f"{where}: role {message.get('role')!r} is not one of {', '.join(ROLES)}")
         else:
@@ -201,7 +198,7 @@ def messages(row: dict, system_prompt: str | None = None) -> list[dict]:
 def sharegpt_turn_problems(turn, number: int) -> list[str]:
     where = f"conversations {number}"
     if not isinstance(turn, dict):
-        return [f"{where}: must be an object, got {json_type(turn)}"]
+        return [f"{where}: must be an object, got {json_type_name(turn)}"]
     if turn.get("from") not in SHAREGPT_ROLES:
         return [f"{where}: 'from' {turn.get('from')!r} is not one of {', '.join(SHAREGPT_ROLES)}"]
     problem = text_problem(turn.get("value"), f"{where}: 'value'")

@@ -43,9 +43,9 @@ class Record:
 
 
 def json_type_name(value) -> str:
-    return {bool: "boolean", int: "number", float: "number", type(None): "null", list: "list", dict: "object"}.get(
-        type(value), type(value).__name__
-    )
+    """A JSON value's type as JSON names it, for messages about rows."""
+    return {bool: "boolean", int: "number", float: "number", type(None): "null", list: "list", dict: "object",
+            str: "string"}.get(type(value), type(value).__name__)
 
 
 def lone_surrogate(value) -> bool:

@@ -116,8 +116,9 @@ def verify_prompts(recipe, tokenizer, with_image: bool, scratch: Path) -> list:
     """A few of the run's own prompts, and image prompts too when the adapter reads images (otherwise those
     adapters would go unchecked); fixed prompts when the data files have moved."""
     rows = data_rows(recipe)
-    text_rows = [r for r in rows if not formatters.images_in(data.conversation(r, recipe.data))][:VERIFY_ROWS]
-    image_rows = [r for r in rows if formatters.images_in(data.conversation(r, recipe.data))][:VERIFY_ROWS]
+    has_image = [bool(formatters.images_in(data.conversation(r, recipe.data))) for r in rows]
+    text_rows = [r for r, image in zip(rows, has_image) if not image][:VERIFY_ROWS]
+    image_rows = [r for r, image in zip(rows, has_image) if image][:VERIFY_ROWS]
     prompts = [data.prompt(row, recipe.data, tokenizer) for row in text_rows + (image_rows if with_image else [])]
     if not text_rows:
         console.print("[yellow]note:[/] the run's data files were not found; verifying on a fixed prompt",
