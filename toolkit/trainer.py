@@ -12,7 +12,8 @@ import math
 
 from transformers import TrainerCallback
 
-from toolkit import distributed, fastlora, lora, modeling
+from toolkit import activations, distributed, fastlora, lora, modeling
+from toolkit.errors import ToolkitError
 from toolkit.report import progress_bar
 from toolkit.translate import to_sft_config
 
@@ -46,16 +47,28 @@ def build_trainer(recipe, *, precision: str, device, tokenizer, train_dataset, o
 
 def run_training(trainer, recipe, precision: str, strategy: str = "ddp", resume_from=None):
     """`trainer.train()` with the adapters set up for mixed precision (see `toolkit.lora.training_casts`) and, as
-    the recipe says, LoRA and 8-bit layers run by `toolkit.fastlora`. Under FSDP and ZeRO-3 the weights those
+    the recipe says, LoRA and 8-bit layers run by `toolkit.fastlora` and checkpointed layers offloaded or chosen by
+    `toolkit.activations`. Under FSDP and ZeRO-3 the weights those
     functions read are sharded, so PEFT's and bitsandbytes' own layers run there; `lora.upcast_inputs` asks for
     PEFT's casting, which only PEFT's layers do."""
     replicated = strategy == "ddp"
+    checkpointing = activations.callback_for(recipe.train)
+    if checkpointing is not None and not replicated:
+        raise ToolkitError(f"train.gradient_checkpointing: offload and train.checkpoint_layers run with --strategy ddp; "
+                           f"--strategy {strategy} checkpoints through its own wrapper")
     fused = dict(lora=replicated and recipe.train.fused_lora and not recipe.lora.upcast_inputs,
                  int8_dequantize=replicated and recipe.quantization.int8_matmul == "dequantize")
     with lora.training_casts(trainer.model, precision, recipe.lora.upcast_inputs, strategy), \
             fastlora.fused_layers(trainer.model, **fused) as counts:
         trainer.fused_counts = counts
-        return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        trainer.checkpointing = checkpointing
+        if checkpointing is not None:
+            trainer.add_callback(checkpointing)
+        try:
+            return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        finally:
+            if checkpointing is not None:
+                trainer.remove_callback(checkpointing)
 
 
 def lean_loss(trainer, model, inputs, num_items_in_batch=None):
