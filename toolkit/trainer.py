@@ -100,6 +100,7 @@ def sft_trainer_class():
 
     class ToolkitSFTTrainer(SFTTrainer):
         token_metrics = True
+        loss_record = None  # a list: every training micro-batch's loss is appended, as a tensor (no device sync)
 
         def lean_loss_applies(self, return_outputs: bool) -> bool:
             return not (self.token_metrics or return_outputs or not self.model.training
@@ -109,8 +110,12 @@ def sft_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             with record_function("toolkit: forward + loss"):
                 if self.lean_loss_applies(return_outputs):
-                    return lean_loss(self, model, inputs, num_items_in_batch)
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                    result = lean_loss(self, model, inputs, num_items_in_batch)
+                else:
+                    result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self.loss_record is not None and self.model.training:
+                self.loss_record.append((result[0] if return_outputs else result).detach().float())
+            return result
 
         def training_step(self, *args, **kwargs):
             with record_function("toolkit: forward + loss + backward"):

@@ -21,6 +21,7 @@ What keeps the numbers still (docs/benchmarks.md shows the effect):
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import random
@@ -91,10 +92,11 @@ def text_params_per_token(text_config) -> int:
     return self_layers * (attention + mlp) + h * text_config.vocab_size
 
 
-def lora_flops_per_token(params: int, recompute: bool) -> float:
+def lora_flops_per_token(params: int, recompute: float) -> float:
     """Forward 2P, backward 2P (input gradients only: frozen weights need no weight gradients), +2P to recompute
-    activations under gradient checkpointing. LoRA's own matmuls and attention scores add well under 1% here."""
-    return (6.0 if recompute else 4.0) * params
+    activations under gradient checkpointing, times the share of layers checkpointed (`recompute`: True or 1.0 for
+    all). LoRA's own matmuls and attention scores add well under 1% here."""
+    return (4.0 + 2.0 * float(recompute)) * params
 
 
 def peak_flops(device_name: str) -> float | None:
@@ -376,6 +378,12 @@ def predicted_peak_gib(recipe, config, precision: str, longest: int) -> float:
     return (weights + rows + memory.RESERVE_BYTES) / memory.GIB
 
 
+def predicted_host_gib(recipe, config, precision: str, longest: int) -> float:
+    setup = memory.Setup.from_recipe(recipe, precision)
+    per_token = memory.host_bytes_per_token(config.get_text_config(), setup)
+    return recipe.train.batch_size * longest * per_token / memory.GIB
+
+
 @dataclass
 class Schedule:
     """The batches a setup trains, in order: warm-up replays, the measured batches, then any profiled ones."""
@@ -413,6 +421,7 @@ def memory_fields(device, clock: StepClock, recipe, config, precision: str, plan
         "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device.cuda else None,
         "weights_gib": clock.weights_gib,
         "predicted_peak_gib": predicted_peak_gib(recipe, config, precision, longest),
+        "predicted_host_gib": predicted_host_gib(recipe, config, precision, longest),
         "longest_padded": longest,
     }
 
@@ -460,10 +469,13 @@ def measure(recipe, bench_opts: dict, low: int, high: int, steps: int, warmup: i
                                          callbacks=callbacks, data_collator=collator, **overrides)
         counter = CountingCollator(built.data_collator)
         built.data_collator = counter
+        built.loss_record = []
         if device.cuda:
             torch.cuda.reset_peak_memory_stats()
         trainer.run_training(built, recipe, precision)
-    flops = lora_flops_per_token(text_params_per_token(config.get_text_config()), train.gradient_checkpointing)
+    text_config = config.get_text_config()
+    checkpointed = memory.checkpointed_layers(text_config, memory.Setup.from_recipe(recipe, precision))
+    flops = lora_flops_per_token(text_params_per_token(text_config), checkpointed / memory.text_layers(text_config))
     tokens = step_tokens(counter.records, train.grad_accum)[: warmup + steps]
     times = clock.times[: warmup + steps]
     result = summarize(times, tokens, warmup, flops, peak_flops(device.name))
@@ -471,9 +483,12 @@ def measure(recipe, bench_opts: dict, low: int, high: int, steps: int, warmup: i
         result["images_s"] = train.batch_size * train.grad_accum * steps / sum(times[warmup:])
         result["mfu"] = None  # the FLOP count covers text tokens only; image rows also run the vision tower
     result.update({
-        "batch": train.batch_size, "warmup_steps": warmup,
+        "batch": train.batch_size, "checkpoint_layers": train.checkpoint_layers, "warmup_steps": warmup,
         "warmup_lengths": [plan.padded(plan.batches[b]) for b in plan.replay],
         "step_s": times[warmup:], "step_real_tokens": [real for real, _ in tokens[warmup:]],
+        "warmup_step_s": times[:warmup],
+        "micro_losses": [float(v) for v in torch.stack(built.loss_record).tolist()] if built.loss_record else [],
+        **checkpointing_fields(built, warmup + steps + profile_steps),
         **memory_fields(device, clock, recipe, config, precision, plan),
         "fused_layers": getattr(built, "fused_counts", None),
         "final_loss": next((e["loss"] for e in reversed(built.state.log_history) if "loss" in e), None),
@@ -487,6 +502,21 @@ def measure(recipe, bench_opts: dict, low: int, high: int, steps: int, warmup: i
     del built
     free_memory()
     return result
+
+
+def checkpointing_fields(built, steps: int) -> dict:
+    """What `toolkit.activations` did: checkpointed layers, and what went through host memory per step."""
+    applied = built.checkpointing.applied if getattr(built, "checkpointing", None) else None
+    if not applied:
+        return {}
+    fields = {"checkpointed_layers": applied["checkpointed"], "text_layers": applied["text_layers"]}
+    hooks = applied["hooks"]
+    if hooks is not None:
+        fields.update({"offloaded_tensors_per_step": hooks.stats["tensors"] / steps,
+                       "offloaded_gib_per_step": hooks.stats["bytes"] / steps / memory.GIB,
+                       "prefetched_share": hooks.stats["prefetched"] / max(hooks.stats["fetched"], 1),
+                       "host_peak_gib": hooks.stats["peak_host_bytes"] / memory.GIB})
+    return fields
 
 
 def free_memory() -> None:
@@ -510,19 +540,35 @@ def child_main(queue, args) -> None:
     queue.put(measure_safely(*args))
 
 
-def measure_isolated(*args) -> dict:
-    """`measure_safely` in a fresh Python process (spawned), so the setup starts from a clean slate."""
+def measure_isolated(*args, limit_s: float | None = None) -> dict:
+    """`measure_safely` in a fresh Python process (spawned), so the setup starts from a clean slate. A process
+    that dies without a result (killed for memory, a crash in a kernel) or runs past `limit_s` seconds is reported
+    as the setup's error, and the next setup still runs."""
     import multiprocessing
+    import queue as queues
 
     context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=child_main, args=(queue, args))
+    results = context.Queue()
+    process = context.Process(target=child_main, args=(results, args))
     process.start()
-    try:
-        result = queue.get()
-    except Exception as err:
-        result = {"error": f"the setup's process failed: {err}"}
-    process.join()
+    deadline = time.monotonic() + limit_s if limit_s else None
+    result = None
+    while result is None:
+        try:
+            result = results.get(timeout=2)
+        except queues.Empty:
+            if not process.is_alive():
+                try:
+                    result = results.get(timeout=2)
+                except queues.Empty:
+                    result = {"error": f"the setup's process exited with code {process.exitcode} and no result"}
+            elif deadline is not None and time.monotonic() > deadline:
+                process.terminate()
+                result = {"error": f"stopped after --setup-timeout {limit_s:g} s"}
+    process.join(30)
+    if process.is_alive():
+        process.kill()
+        process.join()
     if process.exitcode not in (0, None) and "error" not in result:
         result["error"] = f"the setup's process exited with code {process.exitcode}"
     return result
@@ -546,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--isolation", choices=("process", "none"), default="process",
                         help="run each setup in its own process (default) or all in this one")
     parser.add_argument("--json", help="write results here (default: bench.json in the current directory)")
+    parser.add_argument("--setup-timeout", type=float, default=None, metavar="SECONDS",
+                        help="stop a setup's process after this long and report it as failed (--isolation process)")
     return parser
 
 
@@ -564,14 +612,18 @@ def main(argv: list[str]) -> int:
         base.setdefault("model", {})["name"] = str(random_weights_checkpoint())
     setups = [parse_setup(text) for text in args.compare] + [("recipe", [])]
     low, high = parse_lengths(args.lengths)
-    run = measure_isolated if args.isolation == "process" else measure_safely
+    if args.setup_timeout is not None and (args.setup_timeout <= 0 or args.isolation != "process"):
+        raise ToolkitError("--setup-timeout takes a positive number of seconds and needs --isolation process")
+    run = functools.partial(measure_isolated, limit_s=args.setup_timeout) if args.isolation == "process" \
+        else measure_safely
     results = []
     for label, overrides in setups:
         recipe, bench_opts = setup_recipe(base, overrides + args.overrides, args.recipe)
         console.print(f"[bold]{label}[/]: {' '.join(overrides + args.overrides) or 'as the recipe says'}")
         result = {"setup": label, "overrides": overrides + args.overrides, "batch": recipe.train.batch_size,
                   "grad_accum": recipe.train.grad_accum, "quantization": recipe.quantization.mode,
-                  "checkpointing": recipe.train.gradient_checkpointing}
+                  "checkpointing": recipe.train.gradient_checkpointing,
+                  "checkpoint_layers": recipe.train.checkpoint_layers}
         result.update(run(recipe, bench_opts, low, high, args.steps, args.warmup, args.profile, args.losses))
         results.append(result)
         show_results(results)
@@ -592,7 +644,7 @@ def show_results(results: list[dict]) -> None:
         return
     base = done[0]["real_tok_s"]
     rows = [
-        [r["setup"], r["quantization"], f"{r['batch']}x{r['grad_accum']}", "yes" if r["checkpointing"] else "no",
+        [r["setup"], r["quantization"], f"{r['batch']}x{r['grad_accum']}", checkpointing_label(r),
          round(r["real_tok_s"]),
          f"{r['real_tok_s_min']:,.0f} / {r['real_tok_s_median']:,.0f} / {r['real_tok_s_max']:,.0f}",
          f"{r['pad_efficiency']:.0%}", f"{r['median_step_s']:.3f}", f"{r['mfu']:.1%}" if r["mfu"] else "n/a",
@@ -603,6 +655,16 @@ def show_results(results: list[dict]) -> None:
     show("Training speed (measured steps after warm-up)",
          ["setup", "quant", "batch", "ckpt", "real tok/s", "per step min / med / max", "real/padded", "step s",
           "MFU", "peak GiB", "est. GiB", "images/s", "vs first"], rows)
+
+
+def checkpointing_label(result: dict) -> str:
+    """no, yes or offload, and how many layers when not all: `yes 24/32`."""
+    mode = result["checkpointing"]
+    label = "offload" if mode == "offload" else "yes" if mode else "no"
+    if mode and result.get("checkpointed_layers") is not None and \
+            result["checkpointed_layers"] != result.get("text_layers"):
+        label += f" {result['checkpointed_layers']}/{result['text_layers']}"
+    return label
 
 
 def show_profile(label: str, profile: dict) -> None:
