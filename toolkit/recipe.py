@@ -147,6 +147,8 @@ class TrainSection(Section):
         "all", description="With gradient checkpointing: how many self-attention decoder layers are checkpointed "
         "(spread evenly; the others keep their activations and skip the recomputation); auto: the fewest that fit "
         "train.memory_budget_gib.")
+    compile: bool = Field(False, description="torch.compile each self-attention decoder layer (one compiled block "
+                          "reused across layers, dynamic lengths, cached under the toolkit cache; GPU).")
     group_by_length: bool = Field(False, description="Batch rows of similar length together (less padding).")
     liger_kernel: bool = Field(False, description="Use Liger's fused kernels (GPU, needs liger-kernel).")
     fused_lora: bool = Field(True, description="Run each LoRA layer as one autograd function that keeps only "

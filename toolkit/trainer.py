@@ -12,7 +12,7 @@ import math
 
 from transformers import TrainerCallback
 
-from toolkit import activations, distributed, fastlora, lora, modeling
+from toolkit import activations, compiling, distributed, fastlora, lora, modeling
 from toolkit.errors import ToolkitError
 from toolkit.report import progress_bar
 from toolkit.translate import to_sft_config
@@ -53,9 +53,10 @@ def run_training(trainer, recipe, precision: str, strategy: str = "ddp", resume_
     PEFT's casting, which only PEFT's layers do."""
     replicated = strategy == "ddp"
     checkpointing = activations.callback_for(recipe.train)
-    if checkpointing is not None and not replicated:
-        raise ToolkitError(f"train.gradient_checkpointing: offload and train.checkpoint_layers run with --strategy ddp; "
-                           f"--strategy {strategy} checkpoints through its own wrapper")
+    if (checkpointing is not None or recipe.train.compile) and not replicated:
+        raise ToolkitError("train.gradient_checkpointing: offload, train.checkpoint_layers and train.compile run with "
+                           f"--strategy ddp; --strategy {strategy} wraps the layers its own way")
+    compiled = compiling.compile_layers(trainer.model) if recipe.train.compile else []
     fused = dict(lora=replicated and recipe.train.fused_lora and not recipe.lora.upcast_inputs,
                  int8_dequantize=replicated and recipe.quantization.int8_matmul == "dequantize")
     with lora.training_casts(trainer.model, precision, recipe.lora.upcast_inputs, strategy), \
@@ -69,6 +70,7 @@ def run_training(trainer, recipe, precision: str, strategy: str = "ddp", resume_
         finally:
             if checkpointing is not None:
                 trainer.remove_callback(checkpointing)
+            compiling.uncompile(compiled)
 
 
 def lean_loss(trainer, model, inputs, num_items_in_batch=None):
