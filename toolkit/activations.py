@@ -141,6 +141,9 @@ def text_decoder_layers(model) -> list:
     rows skip, and vision layers are left out)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if getattr(decoder, "layers", None) is None:  # transformers versions differ in what get_decoder returns
+        decoder = next((m for name, m in base.named_modules()
+                        if name.split(".")[-1] in ("language_model", "model") and hasattr(m, "layers")), None)
     layers = getattr(decoder, "layers", None)
     if layers is None:
         raise ToolkitError(f"{type(base).__name__} has no decoder layers to choose checkpointed layers from")

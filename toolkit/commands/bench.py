@@ -21,7 +21,6 @@ What keeps the numbers still (docs/benchmarks.md shows the effect):
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import random
@@ -44,6 +43,7 @@ from toolkit.translate import resolve_precision
 
 FULL_SIZE_CONFIG = "assets/llama-3.2-11b-vision-instruct.config.json"
 RANDOM_WEIGHTS_NAME = "random-llama-3.2-11b-vision"
+MIN_SETUP_S = 30  # under --time-limit, a setup is not started with less time than this left
 SHAPE_RESIDUE = 16  # Triton specializes integer kernel arguments on divisibility by 16
 
 # The original example: 8-bit (bitsandbytes' LLM.int8() matmul), every row padded to 512, batch 2 x 2, gradient
@@ -331,7 +331,8 @@ def with_images(rows: list[dict], image: Path, image_token_id: int) -> list[dict
 
 BENCH_KEYS = {"pad_to": "pad every micro-batch to a multiple of this", "steps": "measured steps of this setup",
               "profile": "1: profile 2 steps after the measured ones",
-              "image_tiles": "give every row one image that fills this many tiles (vision models)"}
+              "image_tiles": "give every row one image that fills this many tiles (vision models)",
+              "timeout": "stop this setup after this many seconds (--isolation process)"}
 
 
 def split_bench_overrides(overrides: list[str]) -> tuple[list[str], dict]:
@@ -594,6 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", help="write results here (default: bench.json in the current directory)")
     parser.add_argument("--setup-timeout", type=float, default=None, metavar="SECONDS",
                         help="stop a setup's process after this long and report it as failed (--isolation process)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="the whole run's wall-clock budget: a setup still running then is stopped (--isolation "
+                             "process), and setups not started are reported as skipped")
+    parser.add_argument("--no-recipe", action="store_true",
+                        help="measure only the --compare setups, not the recipe as it is")
     return parser
 
 
@@ -610,21 +616,40 @@ def main(argv: list[str]) -> int:
     base = read_yaml(Path(args.recipe))
     if args.random_weights:
         base.setdefault("model", {})["name"] = str(random_weights_checkpoint())
-    setups = [parse_setup(text) for text in args.compare] + [("recipe", [])]
+    started = time.monotonic()
+    setups = [parse_setup(text) for text in args.compare] + ([] if args.no_recipe else [("recipe", [])])
+    if not setups:
+        raise ToolkitError("--no-recipe leaves nothing to measure; add --compare setups")
     low, high = parse_lengths(args.lengths)
-    if args.setup_timeout is not None and (args.setup_timeout <= 0 or args.isolation != "process"):
-        raise ToolkitError("--setup-timeout takes a positive number of seconds and needs --isolation process")
-    run = functools.partial(measure_isolated, limit_s=args.setup_timeout) if args.isolation == "process" \
-        else measure_safely
+    for limit in ("setup_timeout", "time_limit"):
+        if getattr(args, limit) is not None and getattr(args, limit) <= 0:
+            raise ToolkitError(f"--{limit.replace('_', '-')} takes a positive number of seconds")
+    if args.setup_timeout is not None and args.isolation != "process":
+        raise ToolkitError("--setup-timeout needs --isolation process (a setup in this process cannot be stopped)")
+    # every setup is checked before the first one runs: a typo in the last must not cost the others' time
+    planned = [(label, overrides, *setup_recipe(base, overrides + args.overrides, args.recipe))
+               for label, overrides in setups]
+    if args.random_weights:
+        base.setdefault("model", {})["name"] = str(random_weights_checkpoint())
+        planned = [(label, overrides, *setup_recipe(base, overrides + args.overrides, args.recipe))
+                   for label, overrides, _, _ in planned]
     results = []
-    for label, overrides in setups:
-        recipe, bench_opts = setup_recipe(base, overrides + args.overrides, args.recipe)
+    for label, overrides, recipe, bench_opts in planned:
         console.print(f"[bold]{label}[/]: {' '.join(overrides + args.overrides) or 'as the recipe says'}")
         result = {"setup": label, "overrides": overrides + args.overrides, "batch": recipe.train.batch_size,
                   "grad_accum": recipe.train.grad_accum, "quantization": recipe.quantization.mode,
                   "checkpointing": recipe.train.gradient_checkpointing,
                   "checkpoint_layers": recipe.train.checkpoint_layers}
-        result.update(run(recipe, bench_opts, low, high, args.steps, args.warmup, args.profile, args.losses))
+        left = None if args.time_limit is None else args.time_limit - (time.monotonic() - started)
+        if left is not None and left < MIN_SETUP_S:
+            result["error"] = f"skipped: --time-limit {args.time_limit:g} s reached"
+        elif args.isolation == "process":
+            limits = [t for t in (args.setup_timeout, bench_opts.get("timeout"), left) if t is not None]
+            result.update(measure_isolated(recipe, bench_opts, low, high, args.steps, args.warmup, args.profile,
+                                           args.losses, limit_s=min(limits) if limits else None))
+        else:
+            result.update(measure_safely(recipe, bench_opts, low, high, args.steps, args.warmup, args.profile,
+                                         args.losses))
         results.append(result)
         show_results(results)
         write_json(Path(args.json or "bench.json"), {"lengths": args.lengths, "steps": args.steps,
