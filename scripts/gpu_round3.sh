@@ -57,13 +57,14 @@ python3 -m toolkit bench "$RECIPE" $MODEL_ARGS --no-recipe $STEPS \
   --compare "8bit-b48-offload: $OFF" \
   --compare "bf16-b64-ckpt: $BF train.batch_size=64" \
   --compare "bf16-b64-offload-auto40: $BF train.batch_size=64 $OFF train.checkpoint_layers=auto train.memory_budget_gib=40" \
+  --compare "bf16-b64-ckpt-compile: $BF train.batch_size=64 train.compile=true bench.timeout=130" \
   --compare "construction-bf16: $BF train.batch_size=32 train.gradient_checkpointing=false $SHORT" \
-  --compare "bf16-b96-offload: $BF train.batch_size=96 $OFF $SHORT" \
-  --compare "bf16-b64-offload: $BF train.batch_size=64 $OFF $SHORT" \
-  --compare "bf16-b48-offload: $BF train.batch_size=48 $OFF $SHORT" \
-  --compare "bf16-b64-ckpt-compile: $BF train.batch_size=64 train.compile=true bench.timeout=120" \
-  --compare "4bit-b64-offload-auto16: $B4 $OFF train.checkpoint_layers=auto train.memory_budget_gib=16 $SHORT" \
   --compare "8bit-b96-offload: train.batch_size=96 $OFF $SHORT" \
+  --compare "bf16-b96-offload: $BF train.batch_size=96 $OFF $SHORT" \
+  --compare "4bit-b96-offload: quantization.mode=4bit train.batch_size=96 $OFF $SHORT" \
+  --compare "bf16-b64-offload: $BF train.batch_size=64 $OFF $SHORT bench.profile=1" \
+  --compare "bf16-b48-offload: $BF train.batch_size=48 $OFF $SHORT" \
+  --compare "4bit-b64-offload-auto16: $B4 $OFF train.checkpoint_layers=auto train.memory_budget_gib=16 $SHORT" \
   > "$OUT/bench.log" 2>&1
 code=$?
 set -e
@@ -79,10 +80,12 @@ results = json.loads((out / "round3.json").read_text())["results"]
 by = {r["setup"].split(" ")[0]: r for r in results}
 # new path -> today's path on the same batches (same batch size, same rows, same order)
 PAIRS = {"4bit-b64-offload": "4bit-b64-ckpt", "8bit-b48-offload": "8bit-b48-ckpt",
-         "bf16-b64-offload-auto40": "bf16-b64-ckpt", "bf16-b64-offload": "bf16-b64-ckpt",
-         "bf16-b64-ckpt-compile": "bf16-b64-ckpt", "4bit-b64-offload-auto16": "4bit-b64-ckpt"}
+         "bf16-b64-offload-auto40": "bf16-b64-ckpt", "bf16-b64-ckpt-compile": "bf16-b64-ckpt"}
 
 def loss_gap(new, old):
+    same = ("batch", "measured_steps", "warmup_steps", "warmup_lengths")
+    if any(new.get(k) != old.get(k) for k in same):  # then the two did not train the same batches
+        return None, 0
     a, b = new.get("micro_losses") or [], old.get("micro_losses") or []
     n = min(len(a), len(b), 20)
     if not n:

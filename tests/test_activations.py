@@ -218,8 +218,8 @@ def test_a_setup_past_its_time_is_stopped_and_the_rest_skipped(tmp_path, tiny_da
     code, results = bench(tmp_path, tiny_data, "--steps", "1", "--warmup", "0", "--setup-timeout", "1",
                           "--compare", "first: train.batch_size=1")
     assert code == 1
-    assert results["first"]["error"] == "stopped after --setup-timeout 1 s"
-    assert results["recipe"]["error"] == "stopped after --setup-timeout 1 s"
+    assert results["first"]["error"] == "stopped after 1 s (--setup-timeout)"
+    assert results["recipe"]["error"] == "stopped after 1 s (--setup-timeout)"
     code, results = bench(tmp_path, tiny_data, "--steps", "1", "--time-limit", "5", "--isolation", "none",
                           "--no-recipe", "--compare", "a: train.batch_size=1", "--compare", "b: train.batch_size=2")
     assert code == 1 and [r["error"] for r in results.values()] == ["skipped: --time-limit 5 s reached"] * 2
@@ -233,3 +233,14 @@ def test_bench_checks_every_setup_before_running_any(tmp_path, tiny_data, capsys
     captured = capsys.readouterr()
     assert "checkpoint_layers=2 needs gradient_checkpointing: true or offload" in " ".join((captured.out + captured.err).split())
     assert not out.exists()
+
+
+def test_sharded_strategies_refuse_offload_before_the_run_directory_exists(tmp_path, tiny_data, capsys):
+    recipe = tiny_recipe(tmp_path, tiny_data)
+    run_dir = tmp_path / "run"
+    assert main(["sft", str(recipe), "--output-dir", str(run_dir), "--strategy", "fsdp",
+                 "--set", "train.gradient_checkpointing=offload"]) == 2
+    captured = capsys.readouterr()
+    assert ("train.gradient_checkpointing: offload, train.checkpoint_layers and train.compile run with --strategy "
+            "ddp; --strategy fsdp wraps the layers its own way") in " ".join((captured.out + captured.err).split())
+    assert not run_dir.exists()

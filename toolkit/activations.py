@@ -140,7 +140,10 @@ def text_decoder_layers(model) -> list:
     """The self-attention decoder layers a text token passes through, in order (cross-attention layers, which text
     rows skip, and vision layers are left out)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    try:
+        decoder = base.get_decoder()
+    except (AttributeError, NotImplementedError):
+        decoder = None
     if getattr(decoder, "layers", None) is None:  # transformers versions differ in what get_decoder returns
         decoder = next((m for name, m in base.named_modules()
                         if name.split(".")[-1] in ("language_model", "model") and hasattr(m, "layers")), None)
@@ -226,3 +229,12 @@ def callback_for(train) -> CheckpointingCallback | None:
     if not offload and layers is None:
         return None
     return CheckpointingCallback(offload, layers)
+
+
+def check_strategy(train, strategy: str) -> None:
+    """Offloading, chosen layers and regional compilation wrap the replicated model's layers; FSDP and ZeRO-3 wrap
+    them their own way (FSDP checkpoints through its own wrapper), so a recipe asking for both is refused."""
+    asks = train.gradient_checkpointing == "offload" or train.checkpoint_layers != "all" or train.compile
+    if asks and strategy != "ddp":
+        raise ToolkitError("train.gradient_checkpointing: offload, train.checkpoint_layers and train.compile run with "
+                           f"--strategy ddp; --strategy {strategy} wraps the layers its own way")

@@ -13,7 +13,6 @@ import math
 from transformers import TrainerCallback
 
 from toolkit import activations, compiling, distributed, fastlora, lora, modeling
-from toolkit.errors import ToolkitError
 from toolkit.report import progress_bar
 from toolkit.translate import to_sft_config
 
@@ -52,10 +51,8 @@ def run_training(trainer, recipe, precision: str, strategy: str = "ddp", resume_
     functions read are sharded, so PEFT's and bitsandbytes' own layers run there; `lora.upcast_inputs` asks for
     PEFT's casting, which only PEFT's layers do."""
     replicated = strategy == "ddp"
+    activations.check_strategy(recipe.train, strategy)
     checkpointing = activations.callback_for(recipe.train)
-    if (checkpointing is not None or recipe.train.compile) and not replicated:
-        raise ToolkitError("train.gradient_checkpointing: offload, train.checkpoint_layers and train.compile run with "
-                           f"--strategy ddp; --strategy {strategy} wraps the layers its own way")
     compiled = compiling.compile_layers(trainer.model) if recipe.train.compile else []
     fused = dict(lora=replicated and recipe.train.fused_lora and not recipe.lora.upcast_inputs,
                  int8_dequantize=replicated and recipe.quantization.int8_matmul == "dequantize")

@@ -342,7 +342,7 @@ def split_bench_overrides(overrides: list[str]) -> tuple[list[str], dict]:
         key, _, value = item.partition("=")
         if key.startswith("bench."):
             name = key.removeprefix("bench.")
-            if name not in BENCH_KEYS or not value.isdigit():
+            if name not in BENCH_KEYS or not value.isdigit() or (name == "timeout" and int(value) == 0):
                 raise ToolkitError(f"{item}: bench keys take a whole number: "
                                    + ", ".join(f"bench.{k} ({v})" for k, v in BENCH_KEYS.items()))
             bench[name] = int(value)
@@ -541,7 +541,7 @@ def child_main(queue, args) -> None:
     queue.put(measure_safely(*args))
 
 
-def measure_isolated(*args, limit_s: float | None = None) -> dict:
+def measure_isolated(*args, limit_s: float | None = None, limit_name: str = "--setup-timeout") -> dict:
     """`measure_safely` in a fresh Python process (spawned), so the setup starts from a clean slate. A process
     that dies without a result (killed for memory, a crash in a kernel) or runs past `limit_s` seconds is reported
     as the setup's error, and the next setup still runs."""
@@ -565,7 +565,7 @@ def measure_isolated(*args, limit_s: float | None = None) -> dict:
                     result = {"error": f"the setup's process exited with code {process.exitcode} and no result"}
             elif deadline is not None and time.monotonic() > deadline:
                 process.terminate()
-                result = {"error": f"stopped after --setup-timeout {limit_s:g} s"}
+                result = {"error": f"stopped after {limit_s:.0f} s ({limit_name})"}
     process.join(30)
     if process.is_alive():
         process.kill()
@@ -629,6 +629,8 @@ def main(argv: list[str]) -> int:
     # every setup is checked before the first one runs: a typo in the last must not cost the others' time
     planned = [(label, overrides, *setup_recipe(base, overrides + args.overrides, args.recipe))
                for label, overrides in setups]
+    if args.isolation != "process" and any("timeout" in opts for _, _, _, opts in planned):
+        raise ToolkitError("bench.timeout needs --isolation process (a setup in this process cannot be stopped)")
     if args.random_weights:
         base.setdefault("model", {})["name"] = str(random_weights_checkpoint())
         planned = [(label, overrides, *setup_recipe(base, overrides + args.overrides, args.recipe))
@@ -644,9 +646,12 @@ def main(argv: list[str]) -> int:
         if left is not None and left < MIN_SETUP_S:
             result["error"] = f"skipped: --time-limit {args.time_limit:g} s reached"
         elif args.isolation == "process":
-            limits = [t for t in (args.setup_timeout, bench_opts.get("timeout"), left) if t is not None]
+            limits = {name: t for name, t in (("--setup-timeout", args.setup_timeout),
+                                              ("bench.timeout", bench_opts.get("timeout")), ("--time-limit", left))
+                      if t is not None}
+            name = min(limits, key=limits.get) if limits else "--setup-timeout"
             result.update(measure_isolated(recipe, bench_opts, low, high, args.steps, args.warmup, args.profile,
-                                           args.losses, limit_s=min(limits) if limits else None))
+                                           args.losses, limit_s=limits.get(name), limit_name=name))
         else:
             result.update(measure_safely(recipe, bench_opts, low, high, args.steps, args.warmup, args.profile,
                                          args.losses))

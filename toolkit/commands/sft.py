@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from toolkit import data, distributed, files, lora, memory, runs, sampling, trainer, vision
+from toolkit import activations, data, distributed, files, lora, memory, runs, sampling, trainer, vision
 from toolkit.batching import length_grouped_order
 from toolkit.commands.common import add_recipe_arguments, positive_int
 from toolkit.errors import ToolkitError
@@ -125,6 +125,7 @@ def main(argv: list[str]) -> int:
     run_dir = files.expand(args.output_dir or recipe.output_dir)
     recipe = recipe.model_copy(update={"output_dir": str(run_dir)})
     prepared = prepare(recipe)  # recipe, data and targets fail here, before the run directory is touched
+    activations.check_strategy(recipe.train, args.strategy)
     auto = {key: getattr(recipe.train, key) == "auto" for key in ("batch_size", "checkpoint_layers")}
     prepared.recipe, plan = memory.memory_plan(prepared)  # the auto settings become numbers here
     if plan:
