@@ -7,7 +7,7 @@
 # liger-kernel, datasets, pydantic; by default from /tmp/site, see ../shared/device/README.md), about 25 GB of disk
 # under TOOLKIT_CACHE (default /tmp/toolkit-cache) for the random-weight 11B checkpoint `toolkit bench
 # --random-weights` builds on first use. Every setup runs in its own process (`toolkit bench`'s default); the whole
-# bench stops at BUDGET_S seconds (default 470), so the script ends within about 8.5 minutes: setups are ordered by
+# bench stops at BUDGET_S seconds (default 480), so the script ends within about 8.6 minutes: setups are ordered by
 # importance, and any not reached are listed as skipped. Writes $OUT/round3.json (the bench's JSON),
 # $OUT/summary.json and $OUT/bench.log, and prints a short table last.
 set -euo pipefail
@@ -17,12 +17,12 @@ mkdir -p "$OUT"
 export PYTHONPATH="${SITE:-/tmp/site}:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TOOLKIT_CACHE="${TOOLKIT_CACHE:-/tmp/toolkit-cache}"
 export COLUMNS=220  # rich tables in the log, unwrapped
-BUDGET_S="${BUDGET_S:-470}"
+BUDGET_S="${BUDGET_S:-480}"
 # A CPU smoke run of this very script (the built-in model, no GPU): RECIPE=a tiny recipe,
 # MODEL_ARGS="--lengths 20:40 --set train.liger_kernel=false", STEPS="--steps 1 --warmup 1", REQUIRE_GPU=0.
 RECIPE="${RECIPE:-recipes/construction.yaml}"
 MODEL_ARGS="${MODEL_ARGS:---random-weights}"
-STEPS="${STEPS:---steps 17 --warmup 3}"
+STEPS="${STEPS:---steps 7 --warmup 3}"
 export REQUIRE_GPU="${REQUIRE_GPU:-1}"
 
 python3 - <<'EOF'
@@ -44,27 +44,31 @@ EOF
 B4="quantization.mode=4bit train.batch_size=64"
 BF="quantization.mode=none"
 OFF="train.gradient_checkpointing=offload"
-SHORT="bench.steps=7"  # speed-only setups: 3 warm-up + 7 measured steps; the others 3 + 17 (20 losses)
+# 3 warm-up + 7 measured steps by default; the 4-bit and 8-bit pairs run 3 + 17, so that their first 20 losses
+# (warm-up steps included: same batches, same order) can be compared. bf16 pairs compare their first 10.
+LONG="bench.steps=17"
 
 echo "toolkit bench: up to $BUDGET_S s; progress in $OUT/bench.log"
 set +e
 # shellcheck disable=SC2086  # MODEL_ARGS and STEPS are word lists
 python3 -m toolkit bench "$RECIPE" $MODEL_ARGS --no-recipe $STEPS \
   --time-limit "$BUDGET_S" --setup-timeout 150 --json "$OUT/round3.json" \
-  --compare "4bit-b64-ckpt: $B4" \
-  --compare "4bit-b64-offload: $B4 $OFF" \
-  --compare "8bit-b48-ckpt (construction.yaml): " \
-  --compare "8bit-b48-offload: $OFF" \
+  --compare "4bit-b64-ckpt: $B4 $LONG" \
+  --compare "4bit-b64-offload: $B4 $OFF $LONG" \
+  --compare "8bit-b48-ckpt (construction.yaml): $LONG" \
+  --compare "8bit-b48-offload: $OFF $LONG" \
   --compare "bf16-b64-ckpt: $BF train.batch_size=64" \
   --compare "bf16-b64-offload-auto40: $BF train.batch_size=64 $OFF train.checkpoint_layers=auto train.memory_budget_gib=40" \
-  --compare "bf16-b64-ckpt-compile: $BF train.batch_size=64 train.compile=true bench.timeout=130" \
-  --compare "construction-bf16: $BF train.batch_size=32 train.gradient_checkpointing=false $SHORT" \
-  --compare "8bit-b96-offload: train.batch_size=96 $OFF $SHORT" \
-  --compare "bf16-b96-offload: $BF train.batch_size=96 $OFF $SHORT" \
-  --compare "4bit-b96-offload: quantization.mode=4bit train.batch_size=96 $OFF $SHORT" \
-  --compare "bf16-b64-offload: $BF train.batch_size=64 $OFF $SHORT bench.profile=1" \
-  --compare "bf16-b48-offload: $BF train.batch_size=48 $OFF $SHORT" \
-  --compare "4bit-b64-offload-auto16: $B4 $OFF train.checkpoint_layers=auto train.memory_budget_gib=16 $SHORT" \
+  --compare "construction-bf16: $BF train.batch_size=32 train.gradient_checkpointing=false" \
+  --compare "8bit-b96-offload: train.batch_size=96 $OFF bench.profile=1" \
+  --compare "bf16-b64-ckpt-compile: $BF train.batch_size=64 train.compile=true bench.timeout=120" \
+  --compare "4bit-b128-offload: quantization.mode=4bit train.batch_size=128 $OFF" \
+  --compare "bf16-b96-offload: $BF train.batch_size=96 $OFF" \
+  --compare "8bit-b128-offload: train.batch_size=128 $OFF" \
+  --compare "4bit-b96-offload: quantization.mode=4bit train.batch_size=96 $OFF" \
+  --compare "bf16-b64-offload: $BF train.batch_size=64 $OFF" \
+  --compare "bf16-b48-offload: $BF train.batch_size=48 $OFF" \
+  --compare "4bit-b64-offload-auto16: $B4 $OFF train.checkpoint_layers=auto train.memory_budget_gib=16" \
   > "$OUT/bench.log" 2>&1
 code=$?
 set -e
@@ -80,7 +84,8 @@ results = json.loads((out / "round3.json").read_text())["results"]
 by = {r["setup"].split(" ")[0]: r for r in results}
 # new path -> today's path on the same batches (same batch size, same rows, same order)
 PAIRS = {"4bit-b64-offload": "4bit-b64-ckpt", "8bit-b48-offload": "8bit-b48-ckpt",
-         "bf16-b64-offload-auto40": "bf16-b64-ckpt", "bf16-b64-ckpt-compile": "bf16-b64-ckpt"}
+         "bf16-b64-offload-auto40": "bf16-b64-ckpt", "bf16-b64-ckpt-compile": "bf16-b64-ckpt",
+         "bf16-b64-offload": "bf16-b64-ckpt", "4bit-b64-offload-auto16": "4bit-b64-ckpt"}
 
 def loss_gap(new, old):
     same = ("batch", "measured_steps", "warmup_steps", "warmup_lengths")
