@@ -278,7 +278,8 @@ def main(argv: list[str]) -> int:
         if not report["passed"]:
             return verdict(out, report, traces)
         write_json(staging / REPORT_FILE, report)
-        serving.write_serving_files(staging, out.name, dtype, str(run_dir))  # SERVING.md, Modelfile: swapped in with it
+        # SERVING.md and a Modelfile, swapped in with the model
+        serving.write_serving_files(staging, out.name, dtype, str(run_dir), recipe.data.vision_tiles)
         files.write_marker(staging, KIND, complete=True)
         put_in_place(staging, out, args.overwrite)
     finally:
