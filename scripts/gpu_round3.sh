@@ -61,7 +61,7 @@ python3 -m toolkit bench "$RECIPE" $MODEL_ARGS --no-recipe $STEPS \
   --compare "bf16-b64-offload-auto40: $BF train.batch_size=64 $OFF train.checkpoint_layers=auto train.memory_budget_gib=40" \
   --compare "construction-bf16: $BF train.batch_size=32 train.gradient_checkpointing=false" \
   --compare "8bit-b96-offload: train.batch_size=96 $OFF bench.profile=1" \
-  --compare "bf16-b64-ckpt-compile: $BF train.batch_size=64 train.compile=true bench.timeout=120" \
+  --compare "construction-bf16-compile: $BF train.batch_size=32 train.gradient_checkpointing=false train.compile=true bench.timeout=120" \
   --compare "4bit-b128-offload: quantization.mode=4bit train.batch_size=128 $OFF" \
   --compare "bf16-b96-offload: $BF train.batch_size=96 $OFF" \
   --compare "8bit-b128-offload: train.batch_size=128 $OFF" \
@@ -84,7 +84,7 @@ results = json.loads((out / "round3.json").read_text())["results"]
 by = {r["setup"].split(" ")[0]: r for r in results}
 # new path -> today's path on the same batches (same batch size, same rows, same order)
 PAIRS = {"4bit-b64-offload": "4bit-b64-ckpt", "8bit-b48-offload": "8bit-b48-ckpt",
-         "bf16-b64-offload-auto40": "bf16-b64-ckpt", "bf16-b64-ckpt-compile": "bf16-b64-ckpt",
+         "bf16-b64-offload-auto40": "bf16-b64-ckpt", "construction-bf16-compile": "construction-bf16",
          "bf16-b64-offload": "bf16-b64-ckpt", "4bit-b64-offload-auto16": "4bit-b64-ckpt"}
 
 def loss_gap(new, old):
