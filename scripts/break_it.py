@@ -161,6 +161,9 @@ BREAKS = [
     Break("micro-losses-unrecorded", "bench keeps no per-micro-batch losses",
           "toolkit/trainer.py", "            if self.loss_record is not None and self.model.training:\n",
           "            if False:\n", ("tests/test_activations.py",)),
+    Break("auto-layers-unresolved", "train.checkpoint_layers: auto is never turned into a number before training",
+          "toolkit/memory.py", '        update["checkpoint_layers"] = plan.checkpoint_layers\n', "        pass\n",
+          ("tests/test_activations.py",)),
 ]
 
 

@@ -244,3 +244,14 @@ def test_sharded_strategies_refuse_offload_before_the_run_directory_exists(tmp_p
     assert ("train.gradient_checkpointing: offload, train.checkpoint_layers and train.compile run with --strategy "
             "ddp; --strategy fsdp wraps the layers its own way") in " ".join((captured.out + captured.err).split())
     assert not run_dir.exists()
+
+
+def test_sft_trains_with_auto_settings_resolved_and_says_so(tmp_path, tiny_data, capsys):
+    recipe = tiny_recipe(tmp_path, tiny_data, train={"max_steps": 1, "batch_size": "auto",
+                                                     "gradient_checkpointing": "offload", "checkpoint_layers": "auto"})
+    run_dir = tmp_path / "run"
+    assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "train.batch_size: auto -> 12; train.checkpoint_layers: auto -> 0; memory: est. peak" in out
+    saved = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
+    assert "checkpoint_layers: 0" in saved and "batch_size: 12" in saved and "gradient_checkpointing: offload" in saved

@@ -130,7 +130,7 @@ def main(argv: list[str]) -> int:
     prepared.recipe, plan = memory.memory_plan(prepared)  # the auto settings become numbers here
     if plan:
         resolved = [f"train.{key}: auto -> {getattr(prepared.recipe.train, key)}" for key, on in auto.items() if on]
-        console.print("; ".join(resolved + [memory.plan_note(plan, prepared.recipe)]), soft_wrap=True)
+        console.print("; ".join(resolved + [f"memory: {memory.plan_note(plan, prepared.recipe)}"]), soft_wrap=True)
     if distributed.world_size() > 1:  # a worker started by launch_workers, which holds the run directory
         resume_from = runs.resumable_checkpoint(run_dir)[0] if args.resume else None
         train_and_save(prepared, run_dir, resume_from, args.strategy)
