@@ -136,6 +136,23 @@ BREAKS = [
     Break("answers-sent-raw", "generate streams control characters of an answer to the terminal",
           "toolkit/commands/generate.py", "super().on_finalized_text(visible(text), stream_end)",
           "super().on_finalized_text(text, stream_end)", ("tests/test_generate.py",)),
+    Break("retention-kl-reversed", "the drift KL is computed as KL(base || tuned)",
+          "toolkit/retention.py", "    return (tuned.exp() * (tuned - base)).sum(dim=-1)\n",
+          "    return (base.exp() * (base - tuned)).sum(dim=-1)\n", ("tests/test_retention.py",)),
+    Break("retention-base-adapter-on", "retention's base answers and logits come with the adapter on",
+          "toolkit/retention.py", "    base = base or model.disable_adapter\n", "    base = base or no_adapter\n",
+          ("tests/test_retention.py",)),
+    Break("retention-unshifted", "the KL is read at the answer tokens' own positions, not the ones predicting them",
+          "toolkit/retention.py", "if learned and t > 0]", "if learned]", ("tests/test_retention.py",)),
+    Break("retention-warns-at-threshold", "a drift equal to retention.max_kl already warns",
+          "toolkit/retention.py", "    if retention.kl_per_token > settings.max_kl:\n",
+          "    if retention.kl_per_token >= settings.max_kl:\n", ("tests/test_retention.py",)),
+    Break("retention-images-kept", "image rows of the general set are asked of a model that reads no images",
+          "toolkit/retention.py", "    kept = [row for row in rows if reads_images or not",
+          "    kept = [row for row in rows if True or not", ("tests/test_retention.py",)),
+    Break("retention-data-ignored", "eval --retention-data asks the shipped set instead of the user's file",
+          "toolkit/commands/eval.py", "    path, key = args.retention_data, \"--retention-data\"\n",
+          "    path, key = None, \"--retention-data\"\n", ("tests/test_retention.py",)),
 ]
 
 
