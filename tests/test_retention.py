@@ -198,6 +198,8 @@ def test_retention_data_problems_stop_before_the_model_loads(tiny_run, tmp_path,
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(runs, "load_trained", no_model)
+    assert main(["eval", str(tiny_run), "--retention-data", " "]) == 2
+    assert "--retention-data is empty; name a general data file" in capsys.readouterr().out
     missing = tmp_path / "nope.jsonl"
     assert main(["eval", str(tiny_run), "--retention-data", str(missing)]) == 2
     assert f"--retention-data: file not found: {missing}" in capsys.readouterr().out

@@ -153,6 +153,9 @@ def show_drift(domain: dict, base: dict, kept: retention.Retention, notes: list[
 
 def general_set(recipe, args) -> retention.GeneralSet | None:
     """The general rows for --retention, checked before any model loads (None without --retention)."""
+    if args.retention_data is not None and not args.retention_data.strip():
+        raise ToolkitError("--retention-data is empty; name a general data file, or use --retention for the "
+                           "shipped set")
     if not (args.retention or args.retention_data):
         return None
     path, key = args.retention_data, "--retention-data"
