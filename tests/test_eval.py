@@ -108,12 +108,16 @@ def test_glossary_supplies_key_terms(tiny_run, tmp_path):
     assert [p["terms"] for p in read_predictions(run_copy)] == [["거푸집", "콘 크리트"], ["콘 크리트"]]
 
 
-def test_missing_run_dir_exits_2(tmp_path):
+def test_missing_run_dir_exits_2(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().out.replace("\n", "") == f"error: run directory not found: {tmp_path / 'nope'}"
 
 
-def test_missing_data_file_exits_2(tiny_run, tmp_path):
+def test_missing_data_file_exits_2(tiny_run, tmp_path, capsys):
     assert main(["eval", str(tiny_run), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert capsys.readouterr().out.replace("\n", "") == (f"error: --data: file not found: {tmp_path / 'missing.jsonl'} "
+                                                         f"(relative paths are read from the current directory, "
+                                                         f"{Path.cwd()})")
 
 
 def test_eval_fraction_reproduces_the_held_out_rows(tiny_run, tiny_data):

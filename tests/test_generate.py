@@ -53,12 +53,27 @@ def test_literal_backslash_n_becomes_a_line_break(tiny_run):
     assert rendered.count("<|begin_of_text|>") == 1
 
 
-def test_image_is_refused(tiny_run, tmp_path):
+def test_image_is_refused_by_a_text_model(tiny_run, tmp_path, monkeypatch, capsys):
+    """A readable image given to a model that cannot read images is refused as such (not as a missing file)."""
+    from PIL import Image
+
+    from toolkit import vision
+
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "a.png")
+    monkeypatch.setattr(vision, "image_inputs_for", lambda *args: None)  # what a text-only model's run answers
     assert main(["generate", str(tiny_run), "이 사진을 설명하세요.", "--image", str(tmp_path / "a.png")]) == 2
+    assert capsys.readouterr().out.replace("\n", "") == \
+        "error: --image: builtin:tiny-mllama is not a vision model; it cannot read images"
 
 
-def test_empty_prompt_is_refused(tiny_run):
-    assert main(["generate", str(tiny_run), "  "]) == 2
+def test_a_missing_image_is_refused_before_the_model_loads(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "no-run"), "이 사진을 설명하세요.", "--image", str(tmp_path / "a.png")]) == 2
+    assert capsys.readouterr().out.replace("\n", "") == f"error: --image: image not found: {tmp_path / 'a.png'}"
+
+
+def test_empty_prompt_is_refused(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "no-run"), "  "]) == 2
+    assert capsys.readouterr().out.replace("\n", "") == "error: PROMPT is empty; give the question to answer"
 
 
 def force_answer(monkeypatch, tokens: list[int], then: int) -> None:

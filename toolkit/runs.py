@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolkit import builtin, files, modeling
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 from toolkit.recipe import RECIPE_FILE, load_recipe, save_recipe
 from toolkit.report import write_json
 
@@ -85,7 +85,7 @@ def adapter_file_problem(path: Path) -> str | None:
     except FileNotFoundError:
         return f"{path.name} is missing"
     except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
-        return f"{path.name} is not a readable safetensors file ({str(err).splitlines()[0][:120]})"
+        return f"{path.name} is not a readable safetensors file ({first_line(err, 120)})"
     return None
 
 
@@ -359,10 +359,6 @@ def attach_adapter(run_dir: str | Path, recipe, precision: str, device, quantize
                            ) from None
     model.eval()
     return model
-
-
-def first_line(err: BaseException, limit: int = 160) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
 
 
 def run_tokenizer(run_dir: str | Path):
