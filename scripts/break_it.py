@@ -166,6 +166,18 @@ BREAKS = [
     Break("image-to-a-text-model", "generate --image on a model that cannot read images is not refused",
           "toolkit/commands/generate.py", "    if prompt.images and images is None:\n", "    if False:\n",
           ("tests/test_generate.py",)),
+    Break("resume-by-name", "--resume picks the last checkpoint by name (checkpoint-8 after checkpoint-10)",
+          "toolkit/runs.py", "sorted(found, key=lambda p: int(p.name.split(\"-\")[-1]), reverse=True)",
+          "sorted(found, key=lambda p: p.name, reverse=True)", ("tests/test_sft.py",)),
+    Break("overwrite-any-toolkit-kind", "--overwrite replaces any toolkit directory (a merged model for sft)",
+          "toolkit/files.py", "    if marker is None or marker.get(\"kind\") != kind:\n", "    if marker is None:\n",
+          ("tests/test_run_safety.py",)),
+    Break("bf16-nan-grad-norm-ignored", "a NaN gradient norm does not stop a bf16 run",
+          "toolkit/trainer.py", "self.check_grad_norm = precision != \"fp16\"",
+          "self.check_grad_norm = precision not in (\"fp16\", \"bf16\")", ("tests/test_run_safety.py",)),
+    Break("merge-tolerance-loose", "merge's fp32 check lets logits off by 1% of the largest pass",
+          "toolkit/commands/merge.py", "RELATIVE_TOLERANCE = {\"fp32\": 1e-4,", "RELATIVE_TOLERANCE = {\"fp32\": 1e-1,",
+          ("tests/test_merge.py",)),
 ]
 
 

@@ -73,6 +73,26 @@ def test_check_fails_when_the_tolerance_is_too_tight(tiny_run, tmp_path, capsys)
     assert "do not use it" in capsys.readouterr().out
 
 
+def test_a_merged_model_off_by_one_percent_fails(tiny_run, tmp_path, monkeypatch, capsys):
+    """Logits 1% larger than base + adapter's (every one, the largest included) fail fp32's default tolerance, and
+    nothing is written to --output."""
+    from toolkit.commands import merge
+
+    load_saved = merge.load_saved
+
+    def one_percent_off(out, dtype, device):
+        model = load_saved(out, dtype, device)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(1.01)
+        return model
+
+    monkeypatch.setattr(merge, "load_saved", one_percent_off)
+    assert main(["merge", str(tiny_run), "--output", str(tmp_path / "m"), "--dtype", "fp32"]) == 1
+    out = capsys.readouterr().out.replace("\n", "")
+    assert "not within tolerance" in out and "do not use it" in out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_8bit_adapter_merges_into_full_precision_base(tiny_data, tmp_path, capsys):
     recipe = tiny_recipe(tmp_path, tiny_data, train={"max_steps": 3})
     run_dir = tmp_path / "run8"

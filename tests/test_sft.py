@@ -240,6 +240,18 @@ def test_resume_skips_a_checkpoint_cut_short_by_a_crash(six_steps, tmp_path, cap
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
+def test_resume_picks_the_highest_step_not_the_last_name(six_steps, tmp_path):
+    """checkpoint-10 is newer than checkpoint-8, though "checkpoint-8" sorts after it as text."""
+    run_dir = copy_of(six_steps["interrupted"], tmp_path)
+    for old, new in (("checkpoint-2", 10), ("checkpoint-4", 8)):
+        state_file = run_dir / old / "trainer_state.json"
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        state_file.write_text(json.dumps({**state, "global_step": new}), encoding="utf-8")
+        (run_dir / old).rename(run_dir / f"checkpoint-{new}")
+    assert [p.name for p in runs.checkpoints(run_dir)] == ["checkpoint-10", "checkpoint-8"]
+    assert runs.resumable_checkpoint(run_dir) == (run_dir / "checkpoint-10", [])
+
+
 def test_resume_on_a_finished_run_changes_nothing(six_steps, tmp_path, capsys):
     run_dir = copy_of(six_steps["whole"], tmp_path)
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
