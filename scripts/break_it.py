@@ -178,6 +178,29 @@ BREAKS = [
     Break("merge-tolerance-loose", "merge's fp32 check lets logits off by 1% of the largest pass",
           "toolkit/commands/merge.py", "RELATIVE_TOLERANCE = {\"fp32\": 1e-4,", "RELATIVE_TOLERANCE = {\"fp32\": 1e-1,",
           ("tests/test_merge.py",)),
+    Break("sharegpt-second-system", "a sharegpt row with its own system turn gets the recipe's system turn too",
+          "toolkit/formatters.py",
+          "    if system_prompt and turns[0][\"role\"] != \"system\":\n        turns.insert(0, {\"role\": \"system\", "
+          "\"content\": system_prompt})\n    return turns\n\n\nFORMATTERS",
+          "    if system_prompt:\n        turns.insert(0, {\"role\": \"system\", \"content\": system_prompt})\n"
+          "    return turns\n\n\nFORMATTERS", ("tests/test_formatters.py",)),
+    Break("sharegpt-images-reused", "every <image> human turn of a sharegpt row gets the first image",
+          "toolkit/formatters.py", "images[next_image : next_image + count]", "images[:count]",
+          ("tests/test_formatters.py",)),
+    Break("prompt-last-turn-only", "eval, sampling and merge's check prompt with the last user turn alone",
+          "toolkit/data.py", "    return messages[:-1] if messages and messages[-1][\"role\"] == \"assistant\" else messages\n",
+          "    return [m for m in messages[:-1] if m[\"role\"] == \"user\"][-1:]\n", ("tests/test_formatters.py",)),
+    Break("generate-without-system", "generate's question leaves out the recipe's system prompt",
+          "toolkit/data.py",
+          "    messages = [{\"role\": \"system\", \"content\": data_section.system_prompt}] if data_section.system_prompt "
+          "else []\n", "    messages = []\n", ("tests/test_generate.py",)),
+    Break("examples-input-empty", "eval's examples table shows an empty input for messages and sharegpt rows",
+          "toolkit/commands/eval.py", "record[\"input\"] or record[\"instruction\"] or record[\"question\"]",
+          "record[\"input\"] or record[\"instruction\"]", ("tests/test_terminal.py",)),
+    Break("answers-to-wrong-rows", "batched answers are stored in batch order, not their rows' (sorted by length)",
+          "toolkit/generation.py", "            for i, text in zip(batch, tokenizer.batch_decode(",
+          "            for i, text in zip(range(start, start + len(batch)), tokenizer.batch_decode(",
+          ("tests/test_generate.py",)),
 ]
 
 
