@@ -201,6 +201,22 @@ BREAKS = [
           "toolkit/generation.py", "            for i, text in zip(batch, tokenizer.batch_decode(",
           "            for i, text in zip(range(start, start + len(batch)), tokenizer.batch_decode(",
           ("tests/test_generate.py",)),
+    Break("grouped-epochs-as-one", "with group_by_length, metrics.json and the run card count all passes as 1 epoch",
+          "toolkit/runs.py", "    return train.epochs if train.group_by_length else 1\n", "    return 1\n",
+          ("tests/test_sft.py::test_grouped_rows_reach_the_trainer_in_the_grouped_order",)),
+    Break("global-batch-split-truncates", "a split over processes rounds the accumulation steps down",
+          "toolkit/distributed.py", "    if grad_accum % processes == 0:\n", "    if grad_accum >= processes:\n",
+          ("tests/test_distributed.py::test_every_split_keeps_the_global_batch_or_is_refused",)),
+    Break("loss-per-micro-batch", "the loss is averaged per micro-batch, not per token over the accumulated batch",
+          "toolkit/trainer.py",
+          "    tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch\n",
+          "    tokens = outputs.label_mask.sum()\n", ("tests/test_trainer_loss.py",)),
+    Break("loss-halved-over-processes", "two processes train with half the gradient (DDP's average left in)",
+          "toolkit/trainer.py", "        loss = loss * trainer.accelerator.num_processes\n", "        loss = loss\n",
+          ("tests/test_distributed.py::test_two_processes_train_the_same_adapter_as_one",)),
+    Break("tiles-padded-before-content", "capped image tiles are padded before the content, not after",
+          "toolkit/vision.py", "(0, 0, 0, 0, 0, 0, 0, pad))", "(0, 0, 0, 0, 0, 0, pad, 0))",
+          ("tests/test_images.py::test_capped_tiles_are_padded_after_the_images_content",)),
 ]
 
 

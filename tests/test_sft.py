@@ -91,6 +91,10 @@ def test_grouped_rows_reach_the_trainer_in_the_grouped_order(tmp_path, tiny_data
     order = length_grouped_order([len(e.input_ids) for e in examples], batch_size=4, epochs=3, seed=42)
     assert seen == [[examples[i].input_ids for i in order[j : j + 4]] for j in range(0, len(order), 4)]
     assert len(losses(run_dir)) == 4
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["summary"]["epochs"] == 2.0  # 6 steps of 3 per pass over the 12 rows, not 6 of the 9 grouped
+    assert [e["epoch"] for e in metrics["log_history"] if "loss" in e] == [0.3333, 0.6667, 1.3333, 2.0]
+    assert "Trained 6 steps (2.0 epochs)" in (run_dir / "README.md").read_text(encoding="utf-8")
 
 
 def layer_classes(model) -> tuple[str, str]:
