@@ -57,7 +57,7 @@ def scores_of(records: list[dict], answer: str) -> dict:
 
 def test_compare_base_scores_the_base_with_the_adapter_off(learned_run, tiny_data):
     assert main(["eval", str(learned_run), "--data", tiny_data["train"], "--compare-base", "--max-new-tokens",
-                 "24"]) == 0
+                 "24", "--batch-size", "5"]) == 0  # 12 rows: batches of 5, 5 and 2
     summary = json.loads((learned_run / "eval.json").read_text(encoding="utf-8"))
     records = read_predictions(learned_run)
     assert len(records) == count_lines(tiny_data["train"]) == 12
