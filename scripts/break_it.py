@@ -223,6 +223,12 @@ BREAKS = [
           "toolkit/vision.py", "    if spec.max_tiles == spec.model_max_tiles:\n        return features\n",
           "    if True:\n        return features\n",
           ("tests/test_images.py::test_a_run_capped_below_the_models_tiles_trains",)),
+    Break("merge-check-last-question", "merge's check prompts with each row's last question alone",
+          "toolkit/commands/merge.py",
+          "    prompts = [data.prompt(row, recipe.data, tokenizer) for row in text_rows",
+          "    prompts = [data.question_prompt(formatters.question_text(data.conversation(row, recipe.data)), "
+          "recipe.data, tokenizer) for row in text_rows",
+          ("tests/test_merge.py::test_merges_check_prompts_are_whole_conversations",)),
 ]
 
 

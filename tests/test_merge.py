@@ -146,3 +146,27 @@ def test_a_merged_model_never_replaces_what_another_process_wrote_meanwhile(tmp_
     assert str(err.value) == (f"--output {out} was filled while this merge ran (another process?); nothing was "
                               "replaced. Pass --overwrite to replace it or choose another directory")
     assert (out / "model.safetensors").read_bytes() == b"the other merge's"
+
+
+def test_merges_check_prompts_are_whole_conversations(tmp_path):
+    """The check runs the run's own rows as eval prompts them: system turn and earlier turns included."""
+    from toolkit import data, modeling
+    from toolkit.commands.merge import verify_prompts
+    from toolkit.recipe import recipe_from_dict
+
+    turns = [{"role": "system", "content": "행 시스템"}, {"role": "user", "content": "첫 질문"},
+             {"role": "assistant", "content": "첫 답"}, {"role": "user", "content": "둘째 질문"},
+             {"role": "assistant", "content": "둘째 답"}]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"messages": turns}, ensure_ascii=False) + "\n", encoding="utf-8")
+    recipe = recipe_from_dict({"model": {"name": "builtin:tiny-mllama"},
+                               "data": {"train": str(rows), "formatter": "messages"}})
+    tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
+    prompts = verify_prompts(recipe, tokenizer, with_image=False, scratch=tmp_path)
+    example = data.encode_rows(data.parse_rows(rows, recipe.data)[0], recipe.data, tokenizer, 512).examples[0]
+    assert len(prompts) == 1
+    text = tokenizer.decode(prompts[0].input_ids)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
+    assert "행 시스템<|eot_id|>" in text and "첫 질문<|eot_id|>" in text and "첫 답<|eot_id|>" in text
+    assert text.endswith("둘째 질문<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert prompts[0].input_ids == example.input_ids[: len(prompts[0].input_ids)]
