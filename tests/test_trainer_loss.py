@@ -32,24 +32,19 @@ def train_two_steps(tmp_path, token_metrics: bool, batch_size: int = 2, grad_acc
 
 
 def test_lean_loss_is_trls_loss_without_the_metrics(tmp_path):
-    with_metrics = train_two_steps(tmp_path / "a", token_metrics=True)
-    without = train_two_steps(tmp_path / "b", token_metrics=False)
+    """TRL's loss over batches of 2 rows, and the lean loss over the same rows as 2 accumulated micro-batches of 1
+    whose token counts differ (60 and 8, 50 and 10): the same logged losses, gradient norms and adapter, because
+    both average over every completion token of the step (a mean per micro-batch would weigh the short row's
+    tokens 7 times more)."""
+    lengths = (60, 8, 50, 10)
+    trls, lean = {}, {}
+    with_metrics = train_two_steps(tmp_path / "a", token_metrics=True, lengths=lengths, keep=trls)
+    without = train_two_steps(tmp_path / "b", token_metrics=False, batch_size=1, grad_accum=2, lengths=lengths,
+                              keep=lean)
+    assert len(with_metrics) == len(without) == 2
     assert [e["loss"] for e in without] == pytest.approx([e["loss"] for e in with_metrics], rel=1e-5)
+    assert [e["grad_norm"] for e in without] == pytest.approx([e["grad_norm"] for e in with_metrics], rel=1e-4)
+    assert trls.keys() == lean.keys() and trls
+    assert all((trls[n] - lean[n]).abs().max() < 1e-5 for n in trls)
     assert all("mean_token_accuracy" in e and "entropy" in e for e in with_metrics)
     assert not any("mean_token_accuracy" in e or "entropy" in e for e in without)
-
-
-def test_loss_and_gradient_are_per_token_over_the_accumulated_batch(tmp_path):
-    """Micro-batches of very different token counts: 1 x 8 rows and 2 x 4 rows log the same loss and gradient norm
-    and train the same adapter, because both average over every completion token of the step (a mean per
-    micro-batch would weigh a short micro-batch's tokens more)."""
-    lengths = [60, 50, 56, 44, 8, 10, 9, 12] * 2  # the second micro-batch of each step is short
-    whole, split = {}, {}
-    one = train_two_steps(tmp_path / "a", False, batch_size=8, grad_accum=1, lengths=lengths, keep=whole)
-    two = train_two_steps(tmp_path / "b", False, batch_size=4, grad_accum=2, lengths=lengths, keep=split)
-    assert len(one) == len(two) == 2
-    for a, b in zip(one, two):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"],
-                                                                                                  rel=1e-4)
-    assert whole.keys() == split.keys() and whole
-    assert all((whole[n] - split[n]).abs().max() < 1e-5 for n in whole)
