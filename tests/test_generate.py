@@ -60,7 +60,7 @@ def test_image_is_refused_by_a_text_model(tiny_run, tmp_path, monkeypatch, capsy
     from toolkit import vision
 
     Image.new("RGB", (32, 32), "white").save(tmp_path / "a.png")
-    monkeypatch.setattr(vision, "image_inputs_for", lambda *args: None)  # what a text-only model's run answers
+    monkeypatch.setattr(vision, "image_inputs_for", lambda *args, **kwargs: None)  # what a text-only model's run answers
     assert main(["generate", str(tiny_run), "이 사진을 설명하세요.", "--image", str(tmp_path / "a.png")]) == 2
     assert capsys.readouterr().out.replace("\n", "") == \
         "error: --image: builtin:tiny-mllama is not a vision model; it cannot read images"
