@@ -11,15 +11,15 @@ quiet() { grep -v "Loading weights\|Writing model\|it/s\]$"; }
 for recipe in construction-images construction-images-8bit; do
   run="$work/$recipe"
   echo "== $recipe"
-  toolkit sft "recipes/$recipe.yaml" --set model.name="$checkpoint" --set train.max_steps="${STEPS:-4}" \
+  python -m toolkit sft "recipes/$recipe.yaml" --set model.name="$checkpoint" --set train.max_steps="${STEPS:-4}" \
     --set train.save_steps=100 --set train.logging_steps=1 --output-dir "$run" 2>&1 | quiet | tail -n 12
   echo "sft exit ${PIPESTATUS[0]}"
-  toolkit eval "$run" --data data/construction_images/eval.jsonl --limit 4 --max-new-tokens 8 2>&1 | quiet | tail -n 8
+  python -m toolkit eval "$run" --data data/construction_images/eval.jsonl --limit 4 --max-new-tokens 8 2>&1 | quiet | tail -n 8
   echo "eval exit ${PIPESTATUS[0]}"
-  toolkit generate "$run" "이 도면 기호가 나타내는 것은?" --image data/construction_images/door_eval.png \
+  python -m toolkit generate "$run" "이 도면 기호가 나타내는 것은?" --image data/construction_images/door_eval.png \
     --max-new-tokens 8 2>&1 | quiet | tail -n 3
   echo "generate exit ${PIPESTATUS[0]}"
-  toolkit merge "$run" --output "$work/$recipe-merged" 2>&1 | quiet | tail -n 8
+  python -m toolkit merge "$run" --output "$work/$recipe-merged" 2>&1 | quiet | tail -n 8
   echo "merge exit ${PIPESTATUS[0]}"
   rm -rf "$work/$recipe-merged"  # 21 GB
 done
