@@ -289,6 +289,26 @@ BREAKS = [
           "    prompts = [data.question_prompt(formatters.question_text(data.conversation(row, recipe.data)), "
           "recipe.data, tokenizer) for row in text_rows",
           ("tests/test_merge.py::test_merges_check_prompts_are_whole_conversations",)),
+    Break("image-batch-at-once", "a batch's images go to the image processor together (the torchvision one fails on a "
+          "batch whose first row is text)", "toolkit/vision.py",
+          "    processed = [[process_image(image, image_processor, spec) for image in images] for images in image_lists]\n",
+          "    if not image_lists[0]:\n        image_processor(images=image_lists, max_image_tiles=spec.max_tiles)\n"
+          "    processed = [[process_image(image, image_processor, spec) for image in images] for images in image_lists]\n",
+          ("tests/test_image_processors.py",)),
+    Break("tower-in-autograd", "checkpointing pulls the frozen vision tower into the backward pass",
+          "toolkit/trainer.py", "    vision_tower.keep_frozen_tower_out_of_autograd(trainer.model)", "    pass",
+          ("tests/test_vision_tower.py",)),
+    Break("padding-queries-read-padding", "the split attention lets a padding token read padding keys too",
+          "toolkit/vision_tower.py", "parts = ((~pad, ~hide), (pad, ~pad))", "parts = ((~pad, ~hide), (pad, ~hide))",
+          ("tests/test_vision_tower.py",)),
+    Break("filled-tiles-read", "filled tiles leave the padded tiles visible to real patches",
+          "toolkit/vision_tower.py", "    if filled:\n        per_tile", "    if False:\n        per_tile",
+          ("tests/test_vision_tower.py",)),
+    Break("image-token-unchecked", "validate accepts a tokenizer whose <|image|> is not the config's image token",
+          "toolkit/prepare.py", "    if found != expected:\n", "    if False:\n", ("tests/test_images.py",)),
+    Break("auto-images-uncounted", "batch_size: auto sizes image batches as text batches",
+          "toolkit/memory.py", "    if not images:\n        return 0\n", "    if True:\n        return 0\n",
+          ("tests/test_memory.py",)),
 ]
 
 
