@@ -162,10 +162,13 @@ def content_changes(before: dict, after: dict, old: dict, new: dict) -> list[str
                            f"{described(new.get(key), after.get(key))})")
     if before.get("images") != after.get("images"):
         was, now = before.get("images") or {}, after.get("images") or {}
-        changes.append(f"the images the rows read changed ({was.get('count', 0)} images, sha256 "
-                       f"{str(was.get('sha256'))[:12]} -> {now.get('count', 0)} images, sha256 "
-                       f"{str(now.get('sha256'))[:12]})")
+        changes.append(f"the images the rows read changed ({images(was)} -> {images(now)})")
     return changes
+
+
+def images(fingerprint: dict) -> str:
+    count = fingerprint.get("count", 0)
+    return f"{count} image{'' if count == 1 else 's'}, sha256 {str(fingerprint.get('sha256'))[:12]}"
 
 
 def described(names, digests) -> str:
