@@ -226,3 +226,44 @@ def test_answer_length_is_bounded(command, capsys):
     extra = ["question"] if command == "generate" else []
     assert main([command, "runs/x", *extra, "--max-new-tokens", "100000"]) == 2
     assert "at most 8192 new tokens per answer, got 100000" in capsys.readouterr().err
+
+
+def test_a_recipe_path_that_is_a_folder_says_so(tmp_path, capsys):
+    assert main(["validate", str(tmp_path)]) == 2
+    assert output(capsys)[0] == f"error: recipe {tmp_path} is a directory; give the recipe's YAML file"
+
+
+def test_a_model_folder_that_is_a_file_says_so(tmp_path, tiny_data, capsys):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"not a folder")
+    recipe = tiny_recipe(tmp_path, tiny_data, model={"name": str(weights)})
+    assert main(["validate", str(recipe)]) == 2
+    assert output(capsys)[0] == (f"error: model.name {weights} is a file, not a model folder; give the folder that "
+                                 "holds its config.json (or a hub id)")
+
+
+def test_a_merge_output_name_too_long_names_the_users_path(tiny_run, tmp_path, capsys):
+    out = tmp_path / ("m" * 240)
+    assert main(["merge", str(tiny_run), "--output", str(out)]) == 2
+    assert output(capsys)[0] == (
+        f"error: --output {out}: the name is too long; the merge builds the model beside it in a folder named after "
+        "it, and this file system allows 255 bytes per name, so choose a name of at most 237 bytes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_once_the_merged_model_is_moving_into_place_finishes_with_0(tiny_run, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from toolkit.commands import merge
+
+    original = merge.put_in_place
+
+    def interrupted(staging, out, overwrite):
+        original(staging, out, overwrite)
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C just as the model lands
+
+    monkeypatch.setattr(merge, "put_in_place", interrupted)
+    out = tmp_path / "merged"
+    assert main(["merge", str(tiny_run), "--output", str(out), "--dtype", "fp32"]) == 0
+    assert files.is_complete(out, "merged") and "Merged model in" in output(capsys)[0]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again afterwards

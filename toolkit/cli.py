@@ -12,6 +12,7 @@ import errno
 import importlib
 import logging
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -188,4 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    # The command has finished and its exit code stands: a Ctrl-C while Python shuts down (which can take a while
+    # after torch) would otherwise end the process by SIGINT (-2) instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
