@@ -136,6 +136,28 @@ BREAKS = [
     Break("answers-sent-raw", "generate streams control characters of an answer to the terminal",
           "toolkit/commands/generate.py", "super().on_finalized_text(visible(text), stream_end)",
           "super().on_finalized_text(text, stream_end)", ("tests/test_generate.py",)),
+    Break("resume-unchecked", "--resume continues whatever the recipe now says (the comparison refuses nothing)",
+          "toolkit/resume.py", "    if refused:\n        raise ToolkitError(f\"--resume:", "    if False:\n"
+          "        raise ToolkitError(f\"--resume:", ("tests/test_sft.py", "tests/test_resume.py")),
+    Break("resume-budget-unchecked", "--resume takes a max_steps/epochs below what the checkpoint trained",
+          "toolkit/resume.py", "    steps, epochs = trained_so_far(checkpoint)\n",
+          "    steps, epochs = trained_so_far(checkpoint)\n    return []\n", ("tests/test_sft.py",)),
+    Break("images-not-fingerprinted", "the images a run reads are left out of its record",
+          "toolkit/resume.py", "            images.update(seen[path].encode(\"ascii\"))\n", "",
+          ("tests/test_resume.py",)),
+    Break("duplicate-keys-kept", "a key written twice in a recipe is taken silently (the last wins)",
+          "toolkit/recipe.py", "    if loader.duplicates:\n", "    if False:\n", ("tests/test_recipe.py",)),
+    Break("set-twice-kept", "--set of the same key twice is taken silently (the last wins)",
+          "toolkit/recipe.py", "    check_overrides_once(parsed, overrides)\n", "", ("tests/test_recipe.py",)),
+    Break("damaged-marker-ignored", "an unreadable or cut-short .toolkit.json reads as no marker at all",
+          "toolkit/files.py", "        raise damaged_marker(folder, \"not valid JSON, perhaps cut short\") from None\n",
+          "        return None\n", ("tests/test_run_safety.py",)),
+    Break("noise-shown", "dependency noise is no longer hidden",
+          "toolkit/cli.py", "        hide_known_noise(debug)\n", "        hide_known_noise(True)\n",
+          ("tests/test_cli_errors.py", "tests/test_first_line.py")),
+    Break("merge-ctrl-c-stops", "a Ctrl-C as the merged model lands stops merge with 130 though its output is complete",
+          "toolkit/commands/merge.py", "    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)\n",
+          "    previous = signal.getsignal(signal.SIGINT)\n", ("tests/test_cli_errors.py",)),
 ]
 
 

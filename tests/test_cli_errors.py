@@ -144,22 +144,69 @@ def test_extract_merge_and_eval_into_a_read_only_folder_are_one_line(tiny_run, t
                                  "writable; choose another --json")
 
 
+NOISE_EXAMPLES = {  # logger -> (a record it logs as a normal run's noise, as (format, args)), one it must keep)
+    "bitsandbytes.backends.cpu.ops": (("Failed to load CPU gemm_4bit_forward from kernels-community: %s", ("x",)),
+                                      "Failed to load CUDA kernels"),
+    "bitsandbytes.autograd._functions": (("MatMul8bitLt: inputs will be cast from torch.float32 to float16", ()),
+                                         "MatMul8bitLt: something else"),
+    "transformers.trainer_utils": (("mtime may not be reliable on this filesystem, falling back to numerical "
+                                    "ordering", ()), "checkpoint folder is missing"),
+    "kernels._internals.hf_hub": (("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' "
+                                   "because Hugging Face Hub is in offline mode.", ()),
+                                  "Repository 'x/y' is not from a trusted publisher"),
+    "transformers.tokenization_utils_base": (
+        ("Token indices sequence length is longer than the specified maximum sequence length for this model "
+         "(2000003 > 131072). Running this sequence through the model will result in indexing errors", ()),
+        "Special tokens have been added in the vocabulary"),
+    "liger_kernel.backends.registry": (
+        ("Backend impl '%s' for op '%s' could not be imported: %s: %s",
+         ("liger_kernel.ops.backends._cutedsl.rms_norm", "rms_norm", "ImportError", "No module named 'cutlass'")),
+        "Backend impl 'liger_kernel.ops.backends._triton.rms_norm' for op 'rms_norm' could not be imported: x"),
+}
+NOISY_WARNING_EXAMPLES = [
+    ("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning),
+    ("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.", UserWarning),
+    ("Image size (144000000 pixels) exceeds limit of 89478485 pixels, could be decompression bomb DOS attack.",
+     RuntimeWarning),
+]
+
+
+def dropped(name: str, message: str, args: tuple = ()) -> bool:
+    logger = logging.getLogger(name)
+    return not logger.filter(logger.makeRecord(name, logging.WARNING, "f", 1, message, args, None))
+
+
 def test_known_library_noise_is_hidden_and_nothing_else():
+    assert set(NOISE_EXAMPLES) == set(cli.NOISY_LOGGERS)
     cli.hide_known_noise()
-    for name, prefix in cli.NOISY_LOGGERS.items():
-        logger = logging.getLogger(name)
-        assert not logger.filter(logger.makeRecord(name, logging.WARNING, "f", 1, prefix + " details", (), None))
-        assert logger.filter(logger.makeRecord(name, logging.WARNING, "f", 1, "something else went wrong", (), None))
+    for name, ((message, args), kept) in NOISE_EXAMPLES.items():
+        assert dropped(name, message, args), name
+        assert not dropped(name, kept), name
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
         cli.hide_known_noise()
-        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
-        warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
-                      UserWarning)
+        for message, category in NOISY_WARNING_EXAMPLES:
+            warnings.warn(message, category)
         warnings.warn("some other deprecation", FutureWarning)
-    assert [str(w.message) for w in shown] == [
-        "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
-        "some other deprecation"]
+        warnings.warn("Setting something else", UserWarning)
+    assert [str(w.message) for w in shown] == ["some other deprecation", "Setting something else"]
+
+
+def test_debug_shows_the_noise_too():
+    cli.hide_known_noise()
+    cli.hide_known_noise(debug=True)
+    try:
+        for name, ((message, args), _) in NOISE_EXAMPLES.items():
+            assert not dropped(name, message, args), name
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            cli.hide_known_noise()  # a command without --debug ran earlier in this process
+            cli.hide_known_noise(debug=True)
+            for message, category in NOISY_WARNING_EXAMPLES:
+                warnings.warn(message, category)
+        assert [str(w.message) for w in shown] == [message for message, _ in NOISY_WARNING_EXAMPLES]
+    finally:
+        cli.hide_known_noise()
 
 
 def test_a_full_disk_reported_inside_a_library_error_is_one_line(monkeypatch, capsys):
