@@ -70,13 +70,21 @@ def commands(inputs: dict, run_dir: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-def test_every_command_prints_the_toolkits_own_line_first_and_no_dependency_noise(noisy_inputs, tiny_run):
+@pytest.fixture(scope="module")
+def outputs(noisy_inputs, tiny_run) -> dict:
+    """Every command's exit code and output lines, and `validate --debug`'s, two processes at a time."""
     planned = commands(noisy_inputs, tiny_run)
-    with ThreadPoolExecutor(max_workers=2) as pool:  # each is its own process; two at a time keep the suite short
-        results = dict(zip(planned, pool.map(lambda item: toolkit(item[0], noisy_inputs["folder"]),
-                                             planned.values())))
-    for name, (code, lines) in results.items():
-        expected = planned[name][1]
+    argvs = {name: args for name, (args, _) in planned.items()}
+    argvs["validate --debug"] = ["--debug", "validate", str(noisy_inputs["images"])]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = pool.map(lambda args: toolkit(args, noisy_inputs["folder"]), argvs.values())
+        return {"planned": planned, **dict(zip(argvs, done))}
+
+
+def test_every_command_prints_the_toolkits_own_line_first_and_no_dependency_noise(outputs, noisy_inputs):
+    planned = outputs["planned"]
+    for name, (_, expected) in planned.items():
+        code, lines = outputs[name]
         assert lines and lines[0].strip().startswith(expected), (name, lines[:5])
         assert [line for line in lines if any(noise in line for noise in NOISE)] == [], name
         # new-recipe writes the construction recipe's GPU settings, so on a machine without one it says to fix them
@@ -85,8 +93,8 @@ def test_every_command_prints_the_toolkits_own_line_first_and_no_dependency_nois
     assert summary["train_rows_dropped"] == 1  # the long row the hidden warning was about is counted (no answer left)
 
 
-def test_debug_still_shows_the_dependency_noise(noisy_inputs):
-    code, lines = toolkit(["--debug", "validate", str(noisy_inputs["images"])], noisy_inputs["folder"])
+def test_debug_still_shows_the_dependency_noise(outputs):
+    code, lines = outputs["validate --debug"]
     assert code == 0
     shown = "\n".join(lines)
     assert "Skipping publisher trust check" in shown and "Token indices sequence length" in shown

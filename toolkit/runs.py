@@ -268,7 +268,8 @@ def run_card(prepared, summary: dict, run_dir: Path) -> str:
         *resume.resume_lines(Path(run_dir)),
         "",
         "Files: `adapter_model.safetensors` + `adapter_config.json` (the adapter only), tokenizer/processor files, "
-        f"`{RECIPE_FILE}` (the resolved recipe), `{METRICS_FILE}`, `{LOSS_PLOT}`.",
+        f"`{RECIPE_FILE}` (the resolved recipe), `{resume.START_FILE}` (what the run was started with, and what each "
+        f"resume changed), `{METRICS_FILE}`, `{LOSS_PLOT}`.",
         "",
         "```",
         f"toolkit eval {run_dir} --compare-base",
