@@ -100,6 +100,11 @@ class DataSection(Section):
                                    "folder of the data file naming them).")
     max_image_tiles: int | None = Field(None, ge=1, le=64, description="Cap on tiles per image (default: the "
                                         "model's); fewer tiles means lower resolution.")
+    vision_tiles: Literal["padded", "filled"] = Field(
+        "padded", description="padded: every image runs as the model's tile count (4), as transformers and serving "
+        "engines run it; filled: only the tiles the batch's images fill (a 1-tile drawing costs about a quarter), "
+        "with the padded tiles hidden from the vision attention, which changes the image features slightly "
+        "(README: Images).")
 
     @field_validator("formatter")
     @classmethod
