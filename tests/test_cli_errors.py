@@ -311,6 +311,25 @@ def test_ctrl_c_once_the_merged_model_is_moving_into_place_finishes_with_0(tiny_
 
     monkeypatch.setattr(merge, "put_in_place", interrupted)
     out = tmp_path / "merged"
-    assert main(["merge", str(tiny_run), "--output", str(out), "--dtype", "fp32"]) == 0
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores it)
+    try:
+        assert main(["merge", str(tiny_run), "--output", str(out), "--dtype", "fp32"]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again afterwards
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert files.is_complete(out, "merged") and "Merged model in" in output(capsys)[0]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again afterwards
+
+
+def test_once_a_command_has_returned_ctrl_c_cannot_change_its_exit_code(monkeypatch):
+    """Python ends a process whose shutdown a Ctrl-C interrupts by SIGINT (exit -2); after the command returned its
+    code stands."""
+    import signal
+
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli.entry()
+        assert done.value.code == 0 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
