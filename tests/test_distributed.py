@@ -102,10 +102,17 @@ def assert_same_adapter(first_dir, second_dir):
         assert (first[name] - second[name]).abs().max() < 1e-5, name
 
 
-def test_two_nodes_started_by_torchrun_train_the_same_adapter_as_one_process(four_steps):
+@pytest.fixture(scope="module")
+def two_nodes(four_steps):
+    """The same run as two nodes of one process each, both on this host."""
     two = four_steps["folder"] / "two"
     results = run_nodes(node_commands(four_steps["recipe"], two))
     assert [code for code, _ in results] == [0, 0], results
+    return two
+
+
+def test_two_nodes_started_by_torchrun_train_the_same_adapter_as_one_process(four_steps, two_nodes):
+    two = two_nodes
     assert_same_adapter(four_steps["one"], two)
     assert json.loads((two / "metrics.json").read_text(encoding="utf-8"))["summary"]["steps"] == 4
     assert json.loads((two / ".toolkit.json").read_text(encoding="utf-8"))["complete"] is True
@@ -117,13 +124,13 @@ def test_two_nodes_started_by_torchrun_train_the_same_adapter_as_one_process(fou
     assert (two / "adapter_model.safetensors").read_bytes() == before
 
 
-def test_a_node_whose_peer_never_joins_ends_in_time_and_the_run_resumes_on_one_machine(four_steps, tmp_path,
-                                                                                       capfd):
+def test_a_node_whose_peer_never_joins_ends_in_time_and_the_run_resumes_on_one_machine(four_steps, two_nodes,
+                                                                                       tmp_path, capfd):
     import time
 
     from toolkit import files
 
-    run_dir = interrupted_copy(four_steps["one"], tmp_path / "run")
+    run_dir = interrupted_copy(two_nodes, tmp_path / "run")  # checkpoint-2 written by the two-node job
     port = free_port()
     started = time.monotonic()
     code = main(["sft", str(four_steps["recipe"]), "--output-dir", str(run_dir), "--resume", "--nodes", "2",
@@ -140,7 +147,7 @@ def test_a_node_whose_peer_never_joins_ends_in_time_and_the_run_resumes_on_one_m
                       "on every node (same --master-addr and --master-port), or raise --join-timeout"], out
     assert err == ""  # torchrun's traceback and c10d's socket logs are held back
     assert not files.is_complete(run_dir, "run") and [p.name for p in runs_checkpoints(run_dir)] == ["checkpoint-2"]
-    # Resumed with another node count (one machine, one process), it ends in the uninterrupted adapter.
+    # Resumed with another node count (one machine, one process), it ends in the uninterrupted one-process adapter.
     assert main(["sft", str(four_steps["recipe"]), "--output-dir", str(run_dir), "--resume"]) == 0
     assert files.is_complete(run_dir, "run")
     assert_same_adapter(four_steps["one"], run_dir)
