@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import term_rows, tiny_recipe, write_jsonl
-from toolkit import data, modeling, vision
+from toolkit import data, modeling, photos, vision
 from toolkit.cli import main
 from toolkit.recipe import DataSection, recipe_from_dict
 
@@ -100,7 +100,8 @@ def collated(image_data, tokenizer, rows):
 def test_a_mixed_batch_gives_text_rows_no_image_and_image_rows_their_own(image_data, tokenizer):
     rows = [image_data["rows"][0], term_rows()[0], image_data["rows"][3]]
     encoded, batch, settings = collated(image_data, tokenizer, rows)
-    assert settings == {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True}}
+    assert settings == {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True},
+                        **photos.loader_settings("auto")}
     image_id = tokenizer.convert_tokens_to_ids("<|image|>")
     assert batch["pixel_values"].shape == (3, 1, 1, 3, 56, 56)
     assert batch["pixel_values"][1].abs().sum() == 0  # the text row's slot is empty, not a fake image

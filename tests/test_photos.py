@@ -69,6 +69,13 @@ def test_a_photo_decoded_small_gives_the_tiles_of_the_full_photo(phone_jpeg, tmp
     # JPEG: libjpeg decodes at 1/2 (1200x900), the smallest scale no smaller than the processor's 1120x840;
     # PNG: decoded whole, then reduced by 2 with the box filter.
     assert small.size == (1200, 900) and small.mode == "RGB"
+    with Image.open(path) as image:
+        if kind == "jpeg":
+            image.draft(None, (1120, 840))
+        image.load()
+        expected = image.convert("RGB")
+    expected = expected if kind == "jpeg" else expected.reduce(2)
+    assert np.array_equal(np.asarray(small), np.asarray(expected))  # how it was decoded, exactly
     (want, want_tiles), (got, got_tiles) = features(full, processor), features(small, processor)
     assert got_tiles == want_tiles == [[4]]
     assert got["aspect_ratio_ids"].tolist() == want["aspect_ratio_ids"].tolist()
@@ -181,3 +188,20 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a, b)
+
+
+def test_the_collator_reads_each_photo_at_the_processors_size(phone_jpeg, processor, monkeypatch):
+    opened = []
+    open_photo = photos.open_photo
+
+    def recording(path, spec=None):
+        image = open_photo(path, spec)
+        opened.append(image.size)
+        return image
+
+    monkeypatch.setattr(photos, "open_photo", recording)
+    collator = vision.VisionCollator(vision.ImageInputs(processor, SPEC, 128256), pad_token_id=0)
+    batch = collator([{"input_ids": [128000, 128256, 5, 6], "completion_mask": [0, 0, 1, 1],
+                       "image_paths": [str(phone_jpeg)]}])
+    assert opened == [(1200, 900)]
+    assert batch["pixel_values"].shape == (1, 1, 4, 3, 560, 560)
