@@ -167,3 +167,13 @@ def runs_checkpoints(run_dir):
 def test_an_incomplete_node_setting_is_refused_before_anything_loads(tmp_path, argv, message, capsys):
     assert main(["sft", str(tmp_path / "missing.yaml"), *argv]) == 2
     assert capsys.readouterr().out.strip() == f"error: {message}"
+
+
+def test_a_global_batch_that_does_not_split_over_the_nodes_is_refused_before_waiting(four_steps, tmp_path, capsys):
+    code = main(["sft", str(four_steps["recipe"]), "--output-dir", str(tmp_path / "run"), "--nodes", "3",
+                 "--node-rank", "0", "--master-addr", "127.0.0.1", "--join-timeout", "600"])
+    assert code == 2
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "error: the global batch train.batch_size x train.grad_accum = 2 x 2 cannot be split evenly over 3 "
+        "processes; make one of them divisible by 3")
+    assert not (tmp_path / "run").exists()

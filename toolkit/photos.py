@@ -79,12 +79,12 @@ def open_photo(path: str | Path, spec=None):
                     image.close()
                     image = Image.open(path)  # this scale would change the tiles: decode at full size
             image.load()
+            factor = reduce_factor(image.size, spec) if spec is not None else 1
+            if factor > 1 and image.mode in ("RGB", "L"):  # reduced first: no full-size RGB copy is made
+                return image.reduce(factor).convert("RGB")
             rgb = image.convert("RGB")
         finally:
             image.close()
-    if spec is None:
-        return rgb
-    factor = reduce_factor(rgb.size, spec)
     return rgb.reduce(factor) if factor > 1 else rgb
 
 

@@ -241,6 +241,8 @@ def main(argv: list[str]) -> int:
         return train_as_worker(args, prepared, run_dir)
     show_plan(prepared)
     if rendezvous is not None:
+        settings = prepared.recipe.train  # the split every process will make, refused here before any node waits
+        distributed.per_process_batch(settings.batch_size, settings.grad_accum, rendezvous.nodes * args.gpus)
         return launch_node(args, run_dir, rendezvous)
     with runs.claimed_run_dir(run_dir, args.overwrite, args.resume) as claim:
         if claim.finished:
