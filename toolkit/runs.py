@@ -383,7 +383,7 @@ def image_inputs(recipe, tokenizer):
 
     config = modeling.load_config(recipe.model.name, recipe.model.revision)
     return vision.image_inputs_for(recipe.model.name, recipe.model.revision, config, tokenizer,
-                                   recipe.data.max_image_tiles)
+                                   recipe.data.max_image_tiles, recipe.data.vision_tiles)
 
 
 def load_trained(run_dir: str | Path, quantize: bool = True):

@@ -12,7 +12,7 @@ import math
 
 from transformers import TrainerCallback
 
-from toolkit import distributed, fastlora, lora, modeling
+from toolkit import distributed, fastlora, lora, modeling, vision_tower
 from toolkit.report import progress_bar
 from toolkit.translate import to_sft_config
 
@@ -38,6 +38,7 @@ def build_trainer(recipe, *, precision: str, device, tokenizer, train_dataset, o
         if "not found in the base model" in str(err):
             raise lora.no_match_error(recipe.lora) from None
         raise
+    vision_tower.keep_frozen_tower_out_of_autograd(trainer.model)  # TRL hooked it for checkpointing
     trainer.token_metrics = recipe.train.token_metrics
     trainer.remove_callback(PrinterCallback)  # the rich bar shows progress; raw log dicts would only add noise
     modules = lora.check_scope(lora.targeted_modules(trainer.model), recipe.lora)

@@ -191,8 +191,9 @@ class ImageInputs:
         return batch
 
 
-def image_inputs_for(model_name: str, revision: str | None, model_config, tokenizer, cap: int | None):
-    """ImageInputs for a vision model (None for a text-only model)."""
+def image_inputs_for(model_name: str, revision: str | None, model_config, tokenizer, cap: int | None,
+                     tiling: str = "padded"):
+    """ImageInputs for a vision model (None for a text-only model); `tiling` is `data.vision_tiles`."""
     from toolkit import modeling
 
     if not modeling.is_vision_config(model_config):
@@ -201,7 +202,7 @@ def image_inputs_for(model_name: str, revision: str | None, model_config, tokeni
     if processor is None:
         return None
     return ImageInputs(processor.image_processor, image_spec(processor, model_config, cap),
-                       tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+                       tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tiling)
 
 
 class VisionCollator:
@@ -241,7 +242,7 @@ def training_collator(recipe, model_config, tokenizer, precision: str):
     rows as they are (its preparation would turn `completion_mask` into labels and drop it); the Trainer told to
     keep the `image_paths` column (it drops columns the model's forward does not name)."""
     images = image_inputs_for(recipe.model.name, recipe.model.revision, model_config, tokenizer,
-                              recipe.data.max_image_tiles)
+                              recipe.data.max_image_tiles, recipe.data.vision_tiles)
     multiple = 8 if precision in ("bf16", "fp16") else None
     settings = {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True},
                 **photos.loader_settings(recipe.data.image_workers)}
