@@ -97,11 +97,16 @@ def collated(image_data, tokenizer, rows):
     return encoded, collator([dataset[i] for i in range(len(rows))]), settings
 
 
+def collator_spec():
+    return vision.image_spec(modeling.load_processor("builtin:tiny-mllama", None),
+                             modeling.load_config("builtin:tiny-mllama"), None)
+
+
 def test_a_mixed_batch_gives_text_rows_no_image_and_image_rows_their_own(image_data, tokenizer):
     rows = [image_data["rows"][0], term_rows()[0], image_data["rows"][3]]
     encoded, batch, settings = collated(image_data, tokenizer, rows)
     assert settings == {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True},
-                        **photos.loader_settings("auto")}
+                        **photos.loader_settings("auto", collator_spec(), 2)}
     image_id = tokenizer.convert_tokens_to_ids("<|image|>")
     assert batch["pixel_values"].shape == (3, 1, 1, 3, 56, 56)
     assert batch["pixel_values"][1].abs().sum() == 0  # the text row's slot is empty, not a fake image

@@ -131,6 +131,17 @@ def test_image_workers_follow_the_cpu_count_or_the_recipe(tmp_path, monkeypatch)
     monkeypatch.setattr(photos.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
     assert photos.loader_workers("auto", 1) == 1
     assert photos.loader_workers(0) == 0 and photos.loader_workers(3) == 3
+    # Each worker keeps two batches in /dev/shm: a container's default 64 MB holds no batch of 16 photos (241 MB).
+    monkeypatch.setattr(photos.os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+    sixteen = photos.batch_bytes(SPEC, 16)
+    assert sixteen == 16 * 4 * 3 * 560 * 560 * 4
+    monkeypatch.setattr(photos, "shared_memory_free", lambda: 64 * 2**20)
+    assert photos.loader_workers("auto", 1, sixteen) == 0 and photos.loader_workers(4, 1, sixteen) == 4
+    assert photos.loader_settings("auto", SPEC, 16)["dataloader_num_workers"] == 0
+    monkeypatch.setattr(photos, "shared_memory_free", lambda: 5 * sixteen)
+    assert photos.loader_workers("auto", 1, sixteen) == 2
+    monkeypatch.setattr(photos, "shared_memory_free", lambda: None)
+    assert photos.loader_workers("auto", 1, sixteen) == 8
     assert photos.loader_settings(0) == {"dataloader_num_workers": 0, "dataloader_persistent_workers": False}
     assert photos.loader_settings(2) == {"dataloader_num_workers": 2, "dataloader_persistent_workers": True}
     recipe = tmp_path / "r.yaml"

@@ -99,18 +99,42 @@ def check_decodes(path: str | Path) -> None:
         image.load()
 
 
-def loader_workers(setting: int | str, processes_here: int | None = None) -> int:
+PREFETCH = 2  # batches each DataLoader worker keeps ready (torch's default prefetch_factor)
+
+
+def shared_memory_free() -> int | None:
+    """Free bytes in /dev/shm, where DataLoader workers hand their batches over (None where there is none)."""
+    import shutil
+
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return None
+
+
+def batch_bytes(spec, rows: int) -> int:
+    """The pixel values of a micro-batch of `rows` one-image rows at the model's tile count, in float32."""
+    return rows * spec.model_max_tiles * 3 * spec.tile_size * spec.tile_size * 4
+
+
+def loader_workers(setting: int | str, processes_here: int | None = None, batch_size_bytes: int = 0) -> int:
     """DataLoader worker processes per training process for image data: `auto` shares this machine's CPUs among
-    its training processes, keeping one core each for the training loop (at most 8 workers each); a number is
-    taken as it is (0: build batches in the training process)."""
+    its training processes, keeping one core each for the training loop (at most 8 workers each), and no more
+    than the shared memory holds (each worker keeps `PREFETCH` batches there; a container's default /dev/shm of
+    64 MB holds none, and a worker would die of a bus error). A number is taken as it is (0: build batches in the
+    training process)."""
     if setting != "auto":
         return int(setting)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    processes = processes_here or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(8, cpus // max(processes, 1) - 1))
+    processes = max(processes_here or int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    workers = max(1, min(8, cpus // processes - 1))
+    free = shared_memory_free()
+    if batch_size_bytes and free is not None:
+        workers = min(workers, free // (processes * PREFETCH * batch_size_bytes))
+    return int(workers)
 
 
-def loader_settings(setting: int | str) -> dict:
+def loader_settings(setting: int | str, spec=None, rows: int = 1) -> dict:
     """The Trainer's DataLoader settings for image data: `loader_workers` worker processes, kept between epochs."""
-    workers = loader_workers(setting)
+    workers = loader_workers(setting, batch_size_bytes=batch_bytes(spec, rows) if spec is not None else 0)
     return {"dataloader_num_workers": workers, "dataloader_persistent_workers": workers > 0}

@@ -245,5 +245,5 @@ def training_collator(recipe, model_config, tokenizer, precision: str):
                               recipe.data.max_image_tiles, recipe.data.vision_tiles)
     multiple = 8 if precision in ("bf16", "fp16") else None
     settings = {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True},
-                **photos.loader_settings(recipe.data.image_workers)}
+                **photos.loader_settings(recipe.data.image_workers, images.spec, recipe.train.batch_size)}
     return VisionCollator(images, tokenizer.pad_token_id, multiple), settings
