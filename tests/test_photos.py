@@ -216,3 +216,29 @@ def test_the_collator_reads_each_photo_at_the_processors_size(phone_jpeg, proces
                        "image_paths": [str(phone_jpeg)]}])
     assert opened == [(1200, 900)]
     assert batch["pixel_values"].shape == (1, 1, 4, 3, 560, 560)
+
+
+@pytest.mark.parametrize("turn", [6, 3, 8])
+def test_a_phone_photo_is_read_upright_as_its_exif_orientation_says(tmp_path, processor, turn):
+    """A phone held upright stores a 2400x1800 picture and EXIF orientation 6 (or 8); the model gets the portrait
+    1800x2400 photo, at the processor's size, as transformers' load_image would show it."""
+    from PIL import ImageOps
+
+    path = tmp_path / "upright.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = turn
+    photo(2400, 1800, seed=3).save(path, quality=90, exif=exif)
+    shown = (1800, 2400) if turn in (6, 8) else (2400, 1800)
+    assert vision.image_size(path) == shown
+    with Image.open(path) as image:
+        reference = ImageOps.exif_transpose(image).convert("RGB")
+    assert reference.size == shown
+    full = photos.open_photo(path)
+    assert full.size == shown and np.array_equal(np.asarray(full), np.asarray(reference))
+    small = photos.open_photo(path, SPEC)
+    assert small.size == ((900, 1200) if turn in (6, 8) else (1200, 900))
+    (want, want_tiles), (got, got_tiles) = features(full, processor), features(small, processor)
+    assert got_tiles == want_tiles and got["aspect_ratio_ids"].tolist() == want["aspect_ratio_ids"].tolist()
+    gap = (got["pixel_values"] - want["pixel_values"]).abs()
+    worst, mean = resize_error(full)
+    assert gap.max() <= worst and gap.mean() <= mean

@@ -61,8 +61,36 @@ def reduce_factor(size: tuple[int, int], spec) -> int:
     return 1
 
 
+# EXIF orientations (a phone held upright stores the picture sideways and says so) -> the transpose that undoes it.
+TRANSPOSES = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+              7: "TRANSVERSE", 8: "ROTATE_90"}
+SIDEWAYS = {5, 6, 7, 8}  # these swap width and height
+
+
+def orientation(image) -> int:
+    """The EXIF orientation of an opened image (1, upright, when it has none or an unreadable one)."""
+    try:
+        value = image.getexif().get(0x0112, 1)  # ExifTags.Base.Orientation
+    except Exception:  # a damaged EXIF block leaves the picture as stored, as PIL's own readers do
+        return 1
+    return value if value in TRANSPOSES else 1
+
+
+def upright(size: tuple[int, int], turn: int) -> tuple[int, int]:
+    return (size[1], size[0]) if turn in SIDEWAYS else size
+
+
+def shown_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) as the photo is shown: after its EXIF orientation, without decoding it."""
+    from PIL import Image
+
+    with quiet_size_warning(), Image.open(path) as image:
+        return upright(image.size, orientation(image))
+
+
 def open_photo(path: str | Path, spec=None):
-    """The image as RGB, decoded and reduced for `spec` (a `toolkit.vision.ImageSpec`; None: full size).
+    """The image as RGB and upright (its EXIF orientation applied, as transformers' `load_image` does), decoded and
+    reduced for `spec` (a `toolkit.vision.ImageSpec`; None: full size).
 
     The whole file is still read and decoded, so a truncated or corrupt file fails here as it would at full size.
     """
@@ -71,21 +99,24 @@ def open_photo(path: str | Path, spec=None):
     with quiet_size_warning():
         image = Image.open(path)
         try:
-            full = image.size
+            turn = orientation(image)
+            full = upright(image.size, turn)
             if spec is not None and image.format == "JPEG":
                 wanted = processed_shape(full, spec)
-                image.draft(None, (wanted[3], wanted[2]))  # libjpeg's scale: never below the requested size
-                if image.size != full and processed_shape(image.size, spec) != wanted:
+                image.draft(None, upright((wanted[3], wanted[2]), turn))  # libjpeg's scale: never below that
+                if image.size != upright(full, turn) and processed_shape(upright(image.size, turn), spec) != wanted:
                     image.close()
                     image = Image.open(path)  # this scale would change the tiles: decode at full size
             image.load()
-            factor = reduce_factor(image.size, spec) if spec is not None else 1
+            factor = reduce_factor(upright(image.size, turn), spec) if spec is not None else 1
             if factor > 1 and image.mode in ("RGB", "L"):  # reduced first: no full-size RGB copy is made
-                return image.reduce(factor).convert("RGB")
-            rgb = image.convert("RGB")
+                rgb = image.reduce(factor).convert("RGB")
+            else:
+                rgb = image.convert("RGB")
+                rgb = rgb.reduce(factor) if factor > 1 else rgb
         finally:
             image.close()
-    return rgb.reduce(factor) if factor > 1 else rgb
+    return rgb.transpose(getattr(Image.Transpose, TRANSPOSES[turn])) if turn != 1 else rgb
 
 
 def check_decodes(path: str | Path) -> None:

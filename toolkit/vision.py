@@ -95,10 +95,7 @@ def tiles_for(size: tuple[int, int], spec: ImageSpec) -> int:
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    from PIL import Image
-
-    with photos.quiet_size_warning(), Image.open(path) as image:
-        return image.size
+    return photos.shown_size(path)
 
 
 @functools.cache
