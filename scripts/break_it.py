@@ -163,7 +163,8 @@ BREAKS = [
           "toolkit/photos.py", "    return value if value in TRANSPOSES else 1\n", "    return 1\n",
           ("tests/test_photos.py",)),
     Break("image-workers-off", "image batches are built in the training process whatever the recipe says",
-          "toolkit/photos.py", "    workers = loader_workers(setting)\n", "    workers = 0\n", ("tests/test_photos.py",)),
+          "toolkit/photos.py", "    workers = loader_workers(setting, batch_size_bytes=",
+          "    workers = 0 * loader_workers(setting, batch_size_bytes=", ("tests/test_photos.py",)),
 ]
 
 
