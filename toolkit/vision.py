@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit import photos
+from toolkit.errors import first_line
 
 IMAGE_TOKEN = "<|image|>"
 
@@ -82,7 +83,7 @@ def image_problem(path: Path) -> str | None:
     except Image.DecompressionBombError:
         return f"image {path} has too many pixels to open safely"
     except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt data
-        return f"unreadable image {path} ({str(err).splitlines()[0][:100]})"
+        return f"unreadable image {path} ({first_line(err, 100)})"
     return None
 
 
