@@ -218,7 +218,9 @@ def test_a_run_capped_below_the_models_tiles_trains(image_data, tmp_path, monkey
     model = four_tile_model(tmp_path / "model")
     recipe = tiny_recipe(tmp_path, {"train": image_data["images"]}, model={"name": str(model)},
                          train={"max_steps": 2, "batch_size": 6, "save_steps": 2})
-    assert main(["sft", str(recipe), "--set", "data.max_image_tiles=2", "--output-dir", str(tmp_path / "run")]) == 0
+    # data.image_workers=0: the batches are built in this process, where `seen` records them
+    assert main(["sft", str(recipe), "--set", "data.max_image_tiles=2", "--set", "data.image_workers=0",
+                 "--output-dir", str(tmp_path / "run")]) == 0
     masks = [mask for batch in seen for mask in batch]
     assert len(masks) == 12 and {tuple(m) for m in masks} == {(1, 0, 0, 0), (1, 1, 0, 0)}
 
