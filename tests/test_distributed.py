@@ -66,6 +66,137 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path, tiny_data, capsys
     assert (two / "recipe.yaml").exists() and (two / "loss.png").exists()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def node_commands(recipe, run_dir, *extra) -> list[list[str]]:
+    """The two-node launch of the README, both nodes on this host (gloo), started by torchrun itself."""
+    import sys
+
+    port = free_port()
+    return [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+             "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+             "-m", "toolkit", "sft", str(recipe), "--output-dir", str(run_dir), *extra] for rank in (0, 1)]
+
+
+def run_nodes(commands) -> list:
+    import subprocess
+
+    nodes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
+    return [(node.wait(timeout=300), node.stdout.read()) for node in nodes]
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, tiny_data) -> dict:
+    """One process, four steps with a checkpoint every two."""
+    folder = tmp_path_factory.mktemp("nodes")
+    recipe = tiny_recipe(folder, {"train": tiny_data["train"], "eval": None},
+                         train={"max_steps": 4, "batch_size": 2, "grad_accum": 2, "save_steps": 2})
+    assert main(["sft", str(recipe), "--output-dir", str(folder / "one")]) == 0
+    return {"recipe": recipe, "one": folder / "one", "folder": folder}
+
+
+def interrupted_copy(run_dir, target):
+    """The run as a crash after checkpoint-2 leaves it: marked incomplete, no later checkpoint."""
+    import shutil
+
+    from toolkit import files
+
+    shutil.copytree(run_dir, target)
+    shutil.rmtree(target / "checkpoint-4")
+    files.write_marker(target, "run", complete=False)
+    return target
+
+
+def assert_same_adapter(first_dir, second_dir):
+    first = load_file(str(first_dir / "adapter_model.safetensors"))
+    second = load_file(str(second_dir / "adapter_model.safetensors"))
+    assert first.keys() == second.keys()
+    for name in first:
+        assert (first[name] - second[name]).abs().max() < 1e-5, name
+
+
+@pytest.fixture(scope="module")
+def two_nodes(four_steps):
+    """The same run as two nodes of one process each, both on this host."""
+    two = four_steps["folder"] / "two"
+    results = run_nodes(node_commands(four_steps["recipe"], two))
+    assert [code for code, _ in results] == [0, 0], results
+    return two
+
+
+def test_two_nodes_started_by_torchrun_train_the_same_adapter_as_one_process(four_steps, two_nodes):
+    two = two_nodes
+    assert_same_adapter(four_steps["one"], two)
+    assert json.loads((two / "metrics.json").read_text(encoding="utf-8"))["summary"]["steps"] == 4
+    assert json.loads((two / ".toolkit.json").read_text(encoding="utf-8"))["complete"] is True
+    # The global rank 0 claims the run directory for the job: a second launch into the finished run is refused.
+    before = (two / "adapter_model.safetensors").read_bytes()
+    again = run_nodes(node_commands(four_steps["recipe"], two))
+    assert all(code != 0 for code, _ in again), again  # torchrun exits 1 whatever its processes' codes were
+    assert f"run directory {two} is not empty; pass --overwrite to replace it or --resume" in again[0][1]
+    assert (two / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_a_node_whose_peer_never_joins_ends_in_time_and_the_run_resumes_on_one_machine(four_steps, two_nodes,
+                                                                                       tmp_path, capfd):
+    import time
+
+    from toolkit import files
+
+    run_dir = interrupted_copy(two_nodes, tmp_path / "run")  # checkpoint-2 written by the two-node job
+    port = free_port()
+    started = time.monotonic()
+    code = main(["sft", str(four_steps["recipe"]), "--output-dir", str(run_dir), "--resume", "--nodes", "2",
+                 "--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                 "--join-timeout", "2"])
+    elapsed = time.monotonic() - started
+    out, err = capfd.readouterr()
+    assert code == 2
+    assert elapsed < 90  # the join timeout, plus starting Python and torchrun twice on a loaded machine
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: node 0: the 2 nodes did not all meet at 127.0.0.1:{port} within --join-timeout 2 s "
+                      "(Timed out after 3 seconds waiting for clients. 1/2 clients joined.); nothing was trained "
+                      f"and {run_dir} is unchanged: incomplete, and resumable with --resume. Start the same command "
+                      "on every node (same --master-addr and --master-port), or raise --join-timeout"], out
+    assert err == ""  # torchrun's traceback and c10d's socket logs are held back
+    assert not files.is_complete(run_dir, "run") and [p.name for p in runs_checkpoints(run_dir)] == ["checkpoint-2"]
+    # Resumed with another node count (one machine, one process), it ends in the uninterrupted one-process adapter.
+    assert main(["sft", str(four_steps["recipe"]), "--output-dir", str(run_dir), "--resume"]) == 0
+    assert files.is_complete(run_dir, "run")
+    assert_same_adapter(four_steps["one"], run_dir)
+
+
+def runs_checkpoints(run_dir):
+    from toolkit import runs
+
+    return runs.checkpoints(run_dir)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nodes", "2"], "--nodes 2 needs --node-rank (0 to 1) and --master-addr (node 0's address) on every node"),
+    (["--nodes", "2", "--node-rank", "2", "--master-addr", "h"], "--node-rank 2 is not one of the 2 nodes (0 to 1)"),
+    (["--node-rank", "1"], "--node-rank and --master-addr need --nodes N (the number of machines, 2 or more)"),
+])
+def test_an_incomplete_node_setting_is_refused_before_anything_loads(tmp_path, argv, message, capsys):
+    assert main(["sft", str(tmp_path / "missing.yaml"), *argv]) == 2
+    assert capsys.readouterr().out.strip() == f"error: {message}"
+
+
+def test_a_global_batch_that_does_not_split_over_the_nodes_is_refused_before_waiting(four_steps, tmp_path, capsys):
+    code = main(["sft", str(four_steps["recipe"]), "--output-dir", str(tmp_path / "run"), "--nodes", "3",
+                 "--node-rank", "0", "--master-addr", "127.0.0.1", "--join-timeout", "600"])
+    assert code == 2
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "error: the global batch train.batch_size x train.grad_accum = 2 x 2 cannot be split evenly over 3 "
+        "processes; make one of them divisible by 3")
+
+
 COLORS = {"빨강": "red", "초록": "green", "파랑": "blue", "노랑": "yellow", "검정": "black"}
 
 

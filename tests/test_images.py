@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import term_rows, tiny_recipe, write_jsonl
-from toolkit import data, modeling, vision
+from toolkit import data, modeling, photos, vision
 from toolkit.cli import main
 from toolkit.recipe import DataSection, recipe_from_dict
 
@@ -97,10 +97,16 @@ def collated(image_data, tokenizer, rows):
     return encoded, collator([dataset[i] for i in range(len(rows))]), settings
 
 
+def collator_spec():
+    return vision.image_spec(modeling.load_processor("builtin:tiny-mllama", None),
+                             modeling.load_config("builtin:tiny-mllama"), None)
+
+
 def test_a_mixed_batch_gives_text_rows_no_image_and_image_rows_their_own(image_data, tokenizer):
     rows = [image_data["rows"][0], term_rows()[0], image_data["rows"][3]]
     encoded, batch, settings = collated(image_data, tokenizer, rows)
-    assert settings == {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True}}
+    assert settings == {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True},
+                        **photos.loader_settings("auto", collator_spec(), 2)}
     image_id = tokenizer.convert_tokens_to_ids("<|image|>")
     assert batch["pixel_values"].shape == (3, 1, 1, 3, 56, 56)
     assert batch["pixel_values"][1].abs().sum() == 0  # the text row's slot is empty, not a fake image
@@ -212,7 +218,9 @@ def test_a_run_capped_below_the_models_tiles_trains(image_data, tmp_path, monkey
     model = four_tile_model(tmp_path / "model")
     recipe = tiny_recipe(tmp_path, {"train": image_data["images"]}, model={"name": str(model)},
                          train={"max_steps": 2, "batch_size": 6, "save_steps": 2})
-    assert main(["sft", str(recipe), "--set", "data.max_image_tiles=2", "--output-dir", str(tmp_path / "run")]) == 0
+    # data.image_workers=0: the batches are built in this process, where `seen` records them
+    assert main(["sft", str(recipe), "--set", "data.max_image_tiles=2", "--set", "data.image_workers=0",
+                 "--output-dir", str(tmp_path / "run")]) == 0
     masks = [mask for batch in seen for mask in batch]
     assert len(masks) == 12 and {tuple(m) for m in masks} == {(1, 0, 0, 0), (1, 1, 0, 0)}
 

@@ -100,11 +100,21 @@ class DataSection(Section):
                                    "folder of the data file naming them).")
     max_image_tiles: int | None = Field(None, ge=1, le=64, description="Cap on tiles per image (default: the "
                                         "model's); fewer tiles means lower resolution.")
+    image_workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader worker processes that open images and build image batches beside each "
+        "training process; auto: from the CPU count (up to 8 each), 0: in the training process.")
     vision_tiles: Literal["padded", "filled"] = Field(
         "padded", description="padded: every image runs as the model's tile count (4), as transformers and serving "
         "engines run it; filled: only the tiles the batch's images fill (a 1-tile drawing costs about a quarter), "
         "with the padded tiles hidden from the vision attention, which changes the image features slightly "
         "(README: Images).")
+
+    @field_validator("image_workers", mode="before")
+    @classmethod
+    def _workers_or_auto(cls, value):
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64):
+            raise ValueError(f"give a number of worker processes from 0 to 64, or auto (got {value!r})")
+        return value
 
     @field_validator("formatter")
     @classmethod

@@ -18,6 +18,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolkit import photos
 from toolkit.errors import first_line
 
 IMAGE_TOKEN = "<|image|>"
@@ -62,13 +63,9 @@ def image_spec(processor, model_config, cap: int | None) -> ImageSpec:
     return ImageSpec(tile, model_max, min(cap or model_max, model_max), patches)
 
 
-def open_image(path: str | Path):
-    """The image as RGB, fully decoded (a truncated file fails here, not in the middle of training)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image.load()
-        return image.convert("RGB")
+def open_image(path: str | Path, spec: ImageSpec | None = None):
+    """The image as RGB, decoded at the size the processor will use under `spec` (`toolkit.photos`)."""
+    return photos.open_photo(path, spec)
 
 
 def image_problem(path: Path) -> str | None:
@@ -80,7 +77,7 @@ def image_problem(path: Path) -> str | None:
     if not path.is_file():
         return f"not a file: {path}"
     try:
-        open_image(path)
+        photos.check_decodes(path)
     except UnidentifiedImageError:
         return f"not an image file PIL can read: {path}"
     except Image.DecompressionBombError:
@@ -99,10 +96,7 @@ def tiles_for(size: tuple[int, int], spec: ImageSpec) -> int:
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.size
+    return photos.shown_size(path)
 
 
 @functools.cache
@@ -187,7 +181,7 @@ class ImageInputs:
         """Add the image inputs to a padded batch; a batch without any image is left text-only."""
         if not any(image_paths):
             return batch
-        images = [[open_image(path) for path in paths] for paths in image_paths]
+        images = [[open_image(path, self.spec) for path in paths] for paths in image_paths]
         features, num_tiles = image_features(images, self.image_processor, self.spec, self.tiling)
         batch.update(features)
         batch["cross_attention_mask"] = cross_attention_mask(batch["input_ids"], num_tiles, self.image_token_id,
@@ -248,5 +242,6 @@ def training_collator(recipe, model_config, tokenizer, precision: str):
     images = image_inputs_for(recipe.model.name, recipe.model.revision, model_config, tokenizer,
                               recipe.data.max_image_tiles, recipe.data.vision_tiles)
     multiple = 8 if precision in ("bf16", "fp16") else None
-    settings = {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True}}
+    settings = {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True},
+                **photos.loader_settings(recipe.data.image_workers, images.spec, recipe.train.batch_size)}
     return VisionCollator(images, tokenizer.pad_token_id, multiple), settings

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.markup import escape
 
 from toolkit import activations, data, distributed, files, lora, memory, resume, runs, sampling, trainer, vision
 from toolkit.batching import length_grouped_order, shared_modality_batches
-from toolkit.commands.common import add_recipe_arguments, positive_int
+from toolkit.commands.common import add_recipe_arguments, non_negative_int, positive_int
 from toolkit.errors import ToolkitError
 from toolkit.prepare import prepare, show_plan
 from toolkit.recipe import load_recipe
@@ -28,7 +30,37 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train data-parallel on N GPUs (N CPU processes where there is no GPU)")
     parser.add_argument("--strategy", choices=distributed.STRATEGIES, default="ddp",
                         help="with --gpus: ddp (replicas), fsdp or zero3 (sharded; zero3 needs deepspeed)")
+    nodes = parser.add_argument_group("several machines (run the same command on every node)")
+    nodes.add_argument("--nodes", type=positive_int, default=1, metavar="N", help="machines in the job")
+    nodes.add_argument("--node-rank", type=non_negative_int, default=None, metavar="R",
+                       help="this machine's place, 0 to N-1 (0 holds the rendezvous and writes the run)")
+    nodes.add_argument("--master-addr", default=None, metavar="HOST", help="node 0's address every node can reach")
+    nodes.add_argument("--master-port", type=port_number, default=29500, metavar="PORT",
+                       help="node 0's rendezvous port (default 29500)")
+    nodes.add_argument("--join-timeout", type=positive_int, default=distributed.DEFAULT_JOIN_TIMEOUT, metavar="S",
+                       help=f"seconds to wait for the other nodes (default {distributed.DEFAULT_JOIN_TIMEOUT})")
     return parser
+
+
+def port_number(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {text}")
+    return value
+
+
+def rendezvous_of(args) -> distributed.Rendezvous | None:
+    """The rendezvous `--nodes` asks for (None for one machine); refuses an incomplete or contradictory set."""
+    if args.nodes == 1:
+        if args.node_rank not in (None, 0) or args.master_addr:
+            raise ToolkitError("--node-rank and --master-addr need --nodes N (the number of machines, 2 or more)")
+        return None
+    if args.node_rank is None or not args.master_addr:
+        raise ToolkitError(f"--nodes {args.nodes} needs --node-rank (0 to {args.nodes - 1}) and --master-addr "
+                           "(node 0's address) on every node")
+    if args.node_rank >= args.nodes:
+        raise ToolkitError(f"--node-rank {args.node_rank} is not one of the {args.nodes} nodes (0 to {args.nodes - 1})")
+    return distributed.Rendezvous(args.nodes, args.node_rank, args.master_addr, args.master_port, args.join_timeout)
 
 
 def training_order(prepared) -> list[int]:
@@ -153,19 +185,95 @@ def train_and_save(prepared, run_dir: Path, resume_from: Path | None, strategy: 
                   f"Next: toolkit eval {escape(str(run_dir))} --compare-base", soft_wrap=True)
 
 
+def worker_arguments(args, run_dir: Path) -> list[str]:
+    return ["sft", args.recipe, *(f"--set={o}" for o in args.overrides), "--output-dir", str(run_dir),
+            "--strategy", args.strategy, *(["--resume"] if args.resume else []),
+            *(["--overwrite"] if args.overwrite else [])]
+
+
 def launch_workers(args, run_dir: Path) -> int:
     """Start one training process per GPU under torch.distributed.run; this process keeps the run's lock."""
-    worker = ["sft", args.recipe, *(f"--set={o}" for o in args.overrides), "--output-dir", str(run_dir),
-              "--strategy", args.strategy, *(["--resume"] if args.resume else [])]
     console.print(f"starting {args.gpus} training processes ({args.strategy})")
-    code = distributed.launch(worker, args.gpus)
+    code = distributed.launch(worker_arguments(args, run_dir), args.gpus)
     if code != 0 or not files.is_complete(run_dir, runs.KIND):
         raise ToolkitError(f"a training process failed (exit code {code}); {run_dir} is left incomplete")
     return 0
 
 
+def launch_node(args, run_dir: Path, rendezvous: distributed.Rendezvous) -> int:
+    """This machine's training processes, as one node of a job; the global rank 0 (on node 0) claims the run
+    directory, so nothing here touches it before every node has joined."""
+    console.print(f"node {rendezvous.node_rank} of {rendezvous.nodes}: waiting up to {rendezvous.timeout} s for "
+                  f"the other nodes at {rendezvous.endpoint}, then starting {args.gpus} training "
+                  f"process{'es' if args.gpus > 1 else ''} "
+                  f"({args.strategy})", soft_wrap=True)
+    code, started, detail = distributed.launch_nodes(worker_arguments(args, run_dir), args.gpus, rendezvous)
+    if not started:
+        marker = files.read_marker(run_dir) or {}
+        interrupted = marker.get("kind") == runs.KIND and marker.get("complete") is False
+        kept = ("is unchanged: incomplete, and resumable with --resume" if interrupted and runs.checkpoints(run_dir)
+                else "was not touched")
+        raise ToolkitError(f"node {rendezvous.node_rank}: the {rendezvous.nodes} nodes did not all meet at "
+                           f"{rendezvous.endpoint} within --join-timeout {rendezvous.timeout} s"
+                           f"{f' ({detail})' if detail else ''}; nothing was trained and {run_dir} {kept}. Start "
+                           "the same command on every node (same --master-addr and --master-port), or raise "
+                           "--join-timeout")
+    if code != 0:
+        raise ToolkitError(f"a training process on node {rendezvous.node_rank} failed (exit code {code}); "
+                           f"{run_dir} is left incomplete (continue it with --resume on every node)")
+    return 0
+
+
+@contextmanager
+def claimed_by_rank_zero(run_dir: Path, overwrite: bool, resume: bool, wait_s: float):
+    """The run directory claimed by the global rank 0 (checked, locked, marked incomplete) for a job that no
+    toolkit process launched on this machine holds; every other rank waits for rank 0's decision (or its refusal)
+    through torchrun's store, so all of them resume from the same checkpoint or stop together."""
+    if not distributed.is_main_process():
+        outcome = distributed.claim_outcome(wait_s)
+        if "error" in outcome:
+            raise ToolkitError(outcome["error"])
+        resume_from = Path(outcome["resume_from"]) if outcome.get("resume_from") else None
+        yield runs.Claim(run_dir, created=False, resume_from=resume_from, finished=outcome["finished"])
+        return
+    shared = False
+    try:
+        with runs.claimed_run_dir(run_dir, overwrite, resume) as claim:
+            distributed.share_claim_outcome({"finished": claim.finished, "resume_from":
+                                             str(claim.resume_from) if claim.resume_from else None})
+            shared = True
+            yield claim
+    except BaseException as err:
+        if not shared:
+            message = str(err) if isinstance(err, ToolkitError) else f"rank 0 stopped ({type(err).__name__})"
+            distributed.share_claim_outcome({"error": message})
+        raise
+
+
+def train_as_worker(args, prepared, run_dir: Path) -> int:
+    """One of several training processes: under `--gpus` the launching process holds the run directory; under
+    `--nodes` or a torchrun started by hand, the global rank 0 claims it for everyone."""
+    if os.environ.get(distributed.HELD_ENV):
+        resume_from = runs.resumable_checkpoint(run_dir)[0] if args.resume else None
+        train_and_save(prepared, run_dir, resume_from, args.strategy)
+        return 0
+    if not distributed.launched_by_torchrun():
+        raise ToolkitError("several training processes need torch.distributed.run (torchrun) to start them: use "
+                           "toolkit sft --gpus N (one machine) or --nodes N (several), or torchrun ... -m toolkit sft")
+    with claimed_by_rank_zero(run_dir, args.overwrite, args.resume, wait_s=max(args.join_timeout, 600)) as claim:
+        if claim.finished:
+            console.print(f"{escape(str(run_dir))} is a finished run; --resume only continues an interrupted one, "
+                          "so nothing was trained (start a new run to train longer)", soft_wrap=True)
+            return 0
+        report_resume(claim)
+        train_and_save(prepared, run_dir, claim.resume_from, args.strategy)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    distributed.mark_started()
+    rendezvous = rendezvous_of(args)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.output_dir is not None and not args.output_dir.strip():
         raise ToolkitError("--output-dir is empty; give the run directory")
@@ -178,13 +286,16 @@ def main(argv: list[str]) -> int:
     if plan:
         resolved = [f"train.{key}: auto -> {getattr(prepared.recipe.train, key)}" for key, on in auto.items() if on]
         console.print("; ".join(resolved + [f"memory: {memory.plan_note(plan, prepared.recipe)}"]), soft_wrap=True)
-    if distributed.world_size() > 1:  # a worker started by launch_workers, which holds the run directory
-        resume_from = runs.resumable_checkpoint(run_dir)[0] if args.resume else None
-        train_and_save(prepared, run_dir, resume_from, args.strategy)
-        return 0
+    if distributed.world_size() > 1:
+        return train_as_worker(args, prepared, run_dir)
     if args.gpus > 1 and not args.resume:  # refused here rather than in every training process (a resume: below)
         distributed.per_process_batch(prepared.recipe.train.batch_size, prepared.recipe.train.grad_accum, args.gpus)
     show_plan(prepared)
+    if rendezvous is not None:
+        settings = prepared.recipe.train  # the split every process will make, refused here before any node waits
+        distributed.per_process_batch(settings.batch_size, settings.grad_accum, rendezvous.nodes * args.gpus)
+        check_shared_steps(prepared, rendezvous.nodes * args.gpus, args.strategy)
+        return launch_node(args, run_dir, rendezvous)
     if args.gpus > 1:
         check_shared_steps(prepared, args.gpus, args.strategy)
     started = resume.start_record(prepared, args.gpus, args.strategy)
