@@ -112,3 +112,21 @@ def test_bench_measures_a_recipe_on_cpu(tmp_path, tiny_data):
         assert result["real_tok_s_min"] <= result["real_tok_s_median"] <= result["real_tok_s_max"]
         assert result["warmup_lengths"] == [result["longest_padded"]]
     assert fast["losses"] == pytest.approx(plain["losses"], rel=1e-4)  # same batches, same learning
+
+
+def test_bench_counts_image_batches_built_in_loader_workers(tmp_path, tiny_data):
+    """Image batches are built in DataLoader workers; the bench still counts every measured step's tokens (it
+    counts what the model is given, in the training process)."""
+    import json
+
+    from tests.conftest import tiny_recipe
+    from toolkit.cli import main
+
+    recipe = tiny_recipe(tmp_path, tiny_data, train={"batch_size": 2})
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(recipe), "--steps", "2", "--warmup", "1", "--lengths", "20:40", "--isolation", "none",
+                 "--no-recipe", "--json", str(out), "--compare", "images: bench.image_tiles=1 data.image_workers=1"]) == 0
+    (result,) = json.loads(out.read_text(encoding="utf-8"))["results"]
+    assert result["measured_steps"] == 2 and len(result["step_real_tokens"]) == 2
+    assert all(20 * 2 <= tokens <= 40 * 2 for tokens in result["step_real_tokens"])
+    assert result["images_s"] > 0

@@ -222,19 +222,26 @@ class StepClock(TrainerCallback):
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
-class CountingCollator:
-    """Wraps the trainer's collator (unchanged) to count real and padded tokens of each micro-batch it builds."""
+class TokenCounter:
+    """Counts the real and padded tokens of each micro-batch the model is given, from a forward pre-hook on the
+    model in the training process: image batches are built in DataLoader workers, where a wrapped collator's
+    counts would stay. The sums stay on the device until training is over, so counting adds no synchronization."""
 
-    def __init__(self, inner):
-        self.inner = inner
-        self.records: list[tuple[int, int]] = []
+    def __init__(self, model):
+        self.sums: list = []
+        self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
 
-    def __call__(self, examples):
-        batch = self.inner(examples)
-        mask = batch.get("attention_mask")
-        padded = batch["input_ids"].numel()
-        self.records.append((int(mask.sum()) if mask is not None else padded, padded))
-        return batch
+    def hook(self, _module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            return
+        mask = kwargs.get("attention_mask")
+        self.sums.append((mask.sum() if mask is not None else ids.numel(), ids.numel()))
+
+    @property
+    def records(self) -> list[tuple[int, int]]:
+        self.handle.remove()
+        return [(int(real), int(padded)) for real, padded in self.sums]
 
 
 def synthetic_rows(lengths: list[int], token_limit: int, seed: int, prompt_share: float = 0.4) -> list[dict]:
@@ -484,8 +491,7 @@ def measure(recipe, bench_opts: dict, low: int, high: int, steps: int, warmup: i
         built, _ = trainer.build_trainer(recipe, precision=precision, device=device, tokenizer=tokenizer,
                                          train_dataset=Dataset.from_list(rows), output_dir=scratch,
                                          callbacks=callbacks, data_collator=collator, **overrides)
-        counter = CountingCollator(built.data_collator)
-        built.data_collator = counter
+        counter = TokenCounter(built.model)
         built.loss_record = []
         if device.cuda:
             torch.cuda.reset_peak_memory_stats()
