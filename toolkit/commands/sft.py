@@ -224,8 +224,28 @@ def launch_node(args, run_dir: Path, rendezvous: distributed.Rendezvous) -> int:
     return 0
 
 
+def start_record_steps(prepared, processes: int, strategy: str, run_dir: Path):
+    """What a run is started with (`toolkit.resume`): the check a resume must pass before the run directory changes
+    and any model loads, and what to write once the directory is claimed (the record, or what the resume changed)."""
+    started = resume.start_record(prepared, processes, strategy)
+    changes = {}
+
+    def same_run(claim) -> None:
+        if claim.resume_from:
+            changes.update(resume.check(run_dir, started, claim.resume_from))
+
+    def write(claim) -> None:
+        if claim.resume_from:
+            resume.record(run_dir, changes, claim.resume_from)
+            report_changes(changes)
+        else:
+            resume.write_start(run_dir, started)
+
+    return same_run, write
+
+
 @contextmanager
-def claimed_by_rank_zero(run_dir: Path, overwrite: bool, resume: bool, wait_s: float):
+def claimed_by_rank_zero(run_dir: Path, overwrite: bool, resume: bool, wait_s: float, check=None):
     """The run directory claimed by the global rank 0 (checked, locked, marked incomplete) for a job that no
     toolkit process launched on this machine holds; every other rank waits for rank 0's decision (or its refusal)
     through torchrun's store, so all of them resume from the same checkpoint or stop together."""
@@ -238,7 +258,7 @@ def claimed_by_rank_zero(run_dir: Path, overwrite: bool, resume: bool, wait_s: f
         return
     shared = False
     try:
-        with runs.claimed_run_dir(run_dir, overwrite, resume) as claim:
+        with runs.claimed_run_dir(run_dir, overwrite, resume, check=check) as claim:
             distributed.share_claim_outcome({"finished": claim.finished, "resume_from":
                                              str(claim.resume_from) if claim.resume_from else None})
             shared = True
@@ -260,12 +280,16 @@ def train_as_worker(args, prepared, run_dir: Path) -> int:
     if not distributed.launched_by_torchrun():
         raise ToolkitError("several training processes need torch.distributed.run (torchrun) to start them: use "
                            "toolkit sft --gpus N (one machine) or --nodes N (several), or torchrun ... -m toolkit sft")
-    with claimed_by_rank_zero(run_dir, args.overwrite, args.resume, wait_s=max(args.join_timeout, 600)) as claim:
+    same_run, write = start_record_steps(prepared, distributed.world_size(), args.strategy, run_dir)
+    with claimed_by_rank_zero(run_dir, args.overwrite, args.resume, wait_s=max(args.join_timeout, 600),
+                              check=same_run) as claim:
         if claim.finished:
             console.print(f"{escape(str(run_dir))} is a finished run; --resume only continues an interrupted one, "
                           "so nothing was trained (start a new run to train longer)", soft_wrap=True)
             return 0
         report_resume(claim)
+        if distributed.is_main_process():
+            write(claim)
         train_and_save(prepared, run_dir, claim.resume_from, args.strategy)
     return 0
 
@@ -298,24 +322,14 @@ def main(argv: list[str]) -> int:
         return launch_node(args, run_dir, rendezvous)
     if args.gpus > 1:
         check_shared_steps(prepared, args.gpus, args.strategy)
-    started = resume.start_record(prepared, args.gpus, args.strategy)
-    changes = {}
-
-    def same_run(claim) -> None:  # before the run directory changes, before any model loads
-        if claim.resume_from:
-            changes.update(resume.check(run_dir, started, claim.resume_from))
-
+    same_run, write = start_record_steps(prepared, args.gpus, args.strategy, run_dir)
     with runs.claimed_run_dir(run_dir, args.overwrite, args.resume, check=same_run) as claim:
         if claim.finished:
             console.print(f"{escape(str(run_dir))} is a finished run; --resume only continues an interrupted one, "
                           "so nothing was trained (start a new run to train longer)", soft_wrap=True)
             return 0
         report_resume(claim)
-        if claim.resume_from:
-            resume.record(run_dir, changes, claim.resume_from)
-            report_changes(changes)
-        else:
-            resume.write_start(run_dir, started)
+        write(claim)
         if args.gpus > 1:
             return launch_workers(args, run_dir)
         train_and_save(prepared, run_dir, claim.resume_from, args.strategy)
