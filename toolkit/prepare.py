@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from rich.markup import escape
 
-from toolkit import data, lora, modeling, sampling, trackers, vision
+from toolkit import data, datastore, lora, modeling, sampling, trackers, vision
 from toolkit.errors import ToolkitError
 from toolkit.report import console, show
 from toolkit.translate import Accelerator, resolve_precision
@@ -24,8 +24,9 @@ class Prepared:
     precision: str
     tokenizer: object
     model_config: object
-    train: data.Encoding
+    train: data.Encoding  # or a datastore.StoredEncoding: the same fields, read from the memory-mapped cache
     eval: data.Encoding
+    data_note: str = ""  # whether the encoded data came from the cache
     lora_modules: list[str] = field(default_factory=list)
     image_spec: vision.ImageSpec | None = None
     image_tiles: dict[str, int] = field(default_factory=dict)  # tiles of content per image path
@@ -41,6 +42,8 @@ class Prepared:
     @property
     def lengths(self) -> list[int]:
         """Token counts of the training rows as trained (after any cut), in row order."""
+        if hasattr(self.train, "trained_lengths"):
+            return self.train.trained_lengths.tolist()
         return [len(e.input_ids) for e in self.train.examples]
 
 
@@ -66,15 +69,15 @@ def prepare(recipe, device: Accelerator | None = None) -> Prepared:
     precision = resolve_precision(recipe.train.precision, device)
     check_kernels(recipe.train, device)
     trackers.check_installed(recipe.train.report_to)
-    train_rows, eval_rows = data.load_splits(recipe.data, recipe.train.seed)
+    data.check_files(recipe.data)
     model_config = modeling.load_config(recipe.model.name, recipe.model.revision)
     tokenizer = modeling.load_tokenizer(recipe.model.name, recipe.model.revision)
     limit = recipe.train.max_seq_length
-    train = data.encode_rows(train_rows, recipe.data, tokenizer, limit)
+    store = datastore.prepare_data(recipe.data, tokenizer, limit)
+    train, evals = datastore.split_encodings(store, recipe.data, recipe.train.seed)
     check_rows_left(train, limit, "data.train")
-    evals = data.encode_rows(eval_rows, recipe.data, tokenizer, limit)
     sampling.check_recipe(recipe, evals.rows)
-    prepared = Prepared(recipe, device, precision, tokenizer, model_config, train, evals)
+    prepared = Prepared(recipe, device, precision, tokenizer, model_config, train, evals, store.note)
     if train.image_rows or evals.image_rows:
         measure_images(prepared)
     meta = modeling.meta_model(model_config)
@@ -94,13 +97,13 @@ def measure_images(prepared: Prepared) -> None:
         raise ToolkitError(f"{recipe.model.name} has no image processor (processor_config.json); the checkpoint "
                            "folder is incomplete")
     prepared.image_spec = vision.image_spec(processor, prepared.model_config, recipe.data.max_image_tiles)
-    paths = {path for e in prepared.train.examples + prepared.eval.examples for path in e.images}
+    paths = set(datastore.unique_images({"train": prepared.train.table, "eval": prepared.eval.table}))
     prepared.image_tiles = {p: vision.tiles_for(vision.image_size(p), prepared.image_spec) for p in sorted(paths)}
 
 
 def image_note(p: Prepared) -> str:
     spec = p.image_spec
-    images = sum(len(e.images) for e in p.train.examples)
+    images = p.train.images_total
     tiles = data.percentiles(list(p.image_tiles.values()))
     return (f"{p.train.image_rows} train rows with {images} images; tiles/image p50 {tiles['p50']} max "
             f"{tiles['p100']} (cap {spec.max_tiles} of {spec.model_max_tiles}); vision tokens/image "
@@ -109,7 +112,9 @@ def image_note(p: Prepared) -> str:
 
 
 def length_note(encoding: data.Encoding, limit: int) -> str:
-    over = sum(n > limit for n in encoding.lengths)
+    import numpy as np
+
+    over = int(np.sum(np.asarray(encoding.lengths) > limit))
     parts = [f"{over} over {limit}"]
     if encoding.truncated:
         parts.append(f"{encoding.truncated} cut to {limit}")
@@ -138,14 +143,15 @@ def show_plan(p: Prepared) -> None:
         ["train rows too long", length_note(p.train, limit)],
         ["batch", f"{r.train.batch_size} x {r.train.grad_accum} accumulation"],
         ["output", r.output_dir],
+        ["encoded data", p.data_note],
     ]
-    if p.eval.lengths:
+    if len(p.eval.lengths):
         rows.insert(9, ["eval rows too long", length_note(p.eval, limit)])
     if p.image_spec:
         rows.insert(8, ["images", image_note(p)])
     show("Plan", ["setting", "value"], rows)
     special = p.train.special_text + p.eval.special_text
     if special:
-        console.print(f"[yellow]note:[/] {len(special)} row(s) contain special-token text such as <|eot_id|> "
+        console.print(f"[yellow]note:[/] {p.train.special_rows + p.eval.special_rows} row(s) contain special-token text such as <|eot_id|> "
                       f"(first: {escape(special[0])}); it is trained as plain text, never as the token itself",
                       soft_wrap=True)

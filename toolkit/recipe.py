@@ -100,6 +100,8 @@ class DataSection(Section):
                                    "folder of the data file naming them).")
     max_image_tiles: int | None = Field(None, ge=1, le=64, description="Cap on tiles per image (default: the "
                                         "model's); fewer tiles means lower resolution.")
+    num_proc: int | None = Field(None, ge=1, le=256, description="Processes that check and encode rows (default: "
+                                 "the usable CPUs); the ids are the same for any number.")
 
     @field_validator("formatter")
     @classmethod

@@ -35,19 +35,18 @@ def training_order(prepared) -> list[int]:
     """Indices of the encoded rows in the order they are trained: as given (the Trainer shuffles), or grouped by
     length into this process's micro-batches."""
     settings = prepared.recipe.train
-    indices = list(range(len(prepared.train.examples)))
+    indices = list(range(len(prepared.train.rows)))
     if not settings.group_by_length:
         return indices
     micro_batch, _ = distributed.per_process_batch(settings.batch_size, settings.grad_accum, distributed.world_size())
-    with_images = [bool(e.images) for e in prepared.train.examples]
+    with_images = list(prepared.train.image_flags)
     return length_grouped_order(prepared.lengths, micro_batch, settings.epochs, settings.seed, apart=with_images)
 
 
 def train(prepared, run_dir: Path, resume_from: Path | None, strategy: str = "ddp"):
     recipe = prepared.recipe
-    examples = prepared.train.examples
-    train_set = data.to_dataset([examples[i] for i in training_order(prepared)])
-    eval_set = data.to_dataset(prepared.eval.examples) if prepared.eval.examples else None
+    train_set = prepared.train.dataset(training_order(prepared))
+    eval_set = prepared.eval.dataset() if len(prepared.eval.rows) else None
     guard = trainer.FiniteGuard(prepared.precision)
     collator, settings = None, {}
     if prepared.train.image_rows or prepared.eval.image_rows:
