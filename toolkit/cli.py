@@ -83,9 +83,11 @@ def hide_known_noise() -> None:
             logger.addFilter(DropMessage(prefix))
     for category, message in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    import datasets
-
-    datasets.disable_progress_bars()
+    # datasets reads this when it is imported; importing it here only to switch the bars off cost every command a
+    # second, and validate never imports it
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 def os_error_message(err: OSError) -> str:

@@ -27,6 +27,7 @@ class Row:
     line: int
     fields: dict
     where: str = ""
+    text: str | None = field(default=None, compare=False, repr=False)  # `fields` as JSON text, when read as such
 
 
 def image_base(source: str, data_section) -> Path:
@@ -38,6 +39,8 @@ def image_base(source: str, data_section) -> Path:
 
 def resolve_images(messages: list[dict], source: str, data_section) -> list[dict]:
     """The conversation with every image path made absolute (`~` expanded, relative to `image_base`)."""
+    if all(isinstance(m["content"], str) for m in messages):
+        return messages  # no image parts: nothing to resolve
     base = image_base(source, data_section)
 
     def resolved(part: dict) -> dict:
@@ -97,7 +100,7 @@ def check_records(records, data_section, images: ImageChecks) -> tuple[list[Row]
             problems.append((record.number, f"{record.where}: expected a JSON object, got "
                                             f"{json_type_name(record.value)}"))
             continue
-        row = Row(record.source, record.number, record.value, record.where)
+        row = Row(record.source, record.number, record.value, record.where, record.text)
         row_issues = row_problems(row, data_section, images)
         problems.extend((record.number, f"{record.where}: {issue}") for issue in row_issues)
         if not row_issues:

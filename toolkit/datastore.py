@@ -85,7 +85,7 @@ def to_batch(items):
         columns["source"].append(row.source)
         columns["line"].append(row.line)
         columns["where"].append(row.where or f"{row.source}:{row.line}")
-        columns["fields"].append(json.dumps(row.fields, ensure_ascii=False, default=str))
+        columns["fields"].append(row.text or json.dumps(row.fields, ensure_ascii=False, default=str))
         columns["image_paths"].append(list(encoded.images))
         columns["length"].append(len(encoded.input_ids))
         columns["status"].append(status)
@@ -319,9 +319,13 @@ def prepare_data(data_section, tokenizer, limit: int) -> Store:
         damaged = entry_problem(folder)
         if damaged is None:
             return Store(folder, open_entry(folder), True, f"from the cache (entry {key[:12]})")
+    started = time.monotonic()
     tables = encode_to(folder, key, parts, data_section, tokenizer, limit)
-    note = f"encoded now, cached (entry {key[:12]})" if damaged is None else \
-        f"encoded again: cache entry {key[:12]} was damaged ({damaged}); replaced"
+    seconds = time.monotonic() - started
+    rows = sum(t.num_rows for t in tables.values())
+    done = f"{rows:,} rows in {seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} rows/s)"
+    note = f"encoded now: {done}, cached (entry {key[:12]})" if damaged is None else \
+        f"encoded again: cache entry {key[:12]} was damaged ({damaged}); {done}, replaced"
     return Store(folder, tables, False, note)
 
 

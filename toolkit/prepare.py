@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from rich.markup import escape
 
-from toolkit import data, datastore, lora, modeling, sampling, trackers, vision
+from toolkit import data, datastore, lora, modeling, trackers, vision
 from toolkit.errors import ToolkitError
 from toolkit.report import console, show
 from toolkit.translate import Accelerator, resolve_precision
@@ -76,7 +76,10 @@ def prepare(recipe, device: Accelerator | None = None) -> Prepared:
     store = datastore.prepare_data(recipe.data, tokenizer, limit)
     train, evals = datastore.split_encodings(store, recipe.data, recipe.train.seed)
     check_rows_left(train, limit, "data.train")
-    sampling.check_recipe(recipe, evals.rows)
+    if recipe.train.sample_every is not None:  # toolkit.sampling imports the Trainer, seconds validate need not spend
+        from toolkit import sampling
+
+        sampling.check_recipe(recipe, evals.rows)
     prepared = Prepared(recipe, device, precision, tokenizer, model_config, train, evals, store.note)
     if train.image_rows or evals.image_rows:
         measure_images(prepared)

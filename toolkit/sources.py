@@ -41,6 +41,8 @@ class Record:
     number: int
     where: str
     value: Any
+    text: str | None = field(default=None, compare=False, repr=False)  # the JSON text, when the file held it
+
 
 
 def json_type_name(value) -> str:
@@ -60,6 +62,7 @@ def lone_surrogate(value) -> bool:
     return False
 
 
+MAYBE_SURROGATE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 LONE_SURROGATE = "invalid text (a lone surrogate escape such as \\ud800, which is not a character)"
 
 
@@ -73,7 +76,7 @@ def parse_json_text(text: str) -> tuple[Any, str | None]:
         return None, "invalid JSON (nested too deeply)"
     except ValueError as err:  # e.g. an integer with more digits than Python converts
         return None, f"invalid JSON ({str(err).splitlines()[0]})"
-    if lone_surrogate(value):
+    if MAYBE_SURROGATE.search(text) and lone_surrogate(value):  # only a \\uD800-\\uDFFF escape can make one
         return None, LONE_SURROGATE
     return value, None
 
@@ -96,7 +99,7 @@ def jsonl_record(path: Path, number: int, line_bytes: bytes) -> tuple[Record | N
     value, problem = parse_json_text(line)
     if problem:
         return None, (number, f"{where}: {problem}")
-    return Record(str(path), number, where, value), None
+    return Record(str(path), number, where, value, line), None
 
 
 def read_jsonl(path: Path) -> tuple[list[Record], Problems]:
