@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -57,21 +56,25 @@ def tree_rss_kib(pid: int) -> int:
 
 
 def measured(command: list[str], env: dict) -> dict:
-    """Wall seconds, exit code, peak RSS of the largest process (getrusage) and peak summed over the tree."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Wall seconds, exit code, CPU seconds of the command and all its processes, peak RSS of its largest process
+    (from wait4) and the peak summed over its processes (sampled)."""
     started = time.monotonic()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak_tree = 0
-    while process.poll() is None:
-        peak_tree = max(peak_tree, tree_rss_kib(process.pid))
-        time.sleep(0.1)
-    wall = time.monotonic() - started
-    output = process.stdout.read()
-    largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"wall_s": round(wall, 1), "exit": process.returncode,
-            "peak_rss_gb": round(max(largest, before) / 2**20, 2) if largest > before else None,
-            "peak_tree_rss_gb": round(peak_tree / 2**20, 2),
-            "notes": [line.strip() for line in output.splitlines() if "rows/s" in line or "error" in line][-2:]}
+    with tempfile.TemporaryFile("w+") as output:
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+        peak_tree = 0
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            peak_tree = max(peak_tree, tree_rss_kib(process.pid))
+            time.sleep(0.1)
+        wall = time.monotonic() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        output.seek(0)
+        text = output.read()
+    return {"wall_s": round(wall, 1), "exit": process.returncode, "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2), "peak_tree_rss_gb": round(peak_tree / 2**20, 2),
+            "notes": [line.strip(" │") for line in text.splitlines() if "rows/s" in line or "error" in line][-2:]}
 
 
 DATASETS_WAY = r"""

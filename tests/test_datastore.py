@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import term_rows, write_jsonl
+from conftest import term_rows, tiny_recipe, write_jsonl
 from test_images import image_data  # noqa: F401 (a fixture)
 from toolkit import data, datastore, encode, modeling
 from toolkit.errors import ToolkitError
@@ -265,3 +265,33 @@ def test_a_partial_folder_is_never_read_as_an_entry(tokenizer, tmp_path, monkeyp
     monkeypatch.undo()
     monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / "cache"))
     assert not datastore.prepare_data(section, tokenizer, 256).hit
+
+
+def test_eval_reads_the_held_out_rows_from_the_cache_training_filled(tmp_path, tiny_data, monkeypatch):
+    from toolkit.prepare import held_out_rows, prepare
+    from toolkit.recipe import load_recipe
+
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / "cache"))
+    path = tiny_recipe(tmp_path, {"train": tiny_data["train"]})
+    recipe = load_recipe(str(path), ["data.eval_fraction=0.25"])
+    prepare(recipe)
+    refuse_encoding(monkeypatch)
+    rows = held_out_rows(recipe)
+    assert len(rows) == 3 and rows == data.load_splits(recipe.data, recipe.train.seed)[1]
+
+
+def test_the_training_dataset_holds_the_kept_rows_in_the_given_order_with_trl_labels(tokenizer, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / "cache"))
+    path = write_jsonl(tmp_path / "t.jsonl", term_rows())
+    section = DataSection(train=str(path))
+    _, (train, _) = stored(section, tokenizer, limit=44)  # half the rows are cut, half dropped
+    examples = list(train.examples)
+    order = [5, 0, 3, 3, 1]
+    dataset = train.dataset(order)
+    assert len(examples) == 6 and dataset.column_names == ["input_ids", "completion_mask", "labels"]
+    for i, item in zip(order, dataset):
+        assert item["input_ids"] == examples[i].input_ids and item["completion_mask"] == examples[i].completion_mask
+        # what TRL builds from completion_mask: the id where the loss applies, -100 elsewhere
+        assert item["labels"] == [t if m else -100 for t, m in zip(examples[i].input_ids, examples[i].completion_mask)]
+    assert list(train.trained_lengths) == [44] * 6

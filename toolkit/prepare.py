@@ -89,6 +89,16 @@ def prepare(recipe, device: Accelerator | None = None) -> Prepared:
     return prepared
 
 
+def held_out_rows(recipe) -> list:
+    """The rows `data.eval_fraction` held out of this recipe's training data, every one of them (also those the
+    length limit dropped), from the encoded-data cache when training left it there: the same rows
+    `data.load_splits` gives, without reading and checking the whole training data again."""
+    data.check_files(recipe.data)
+    tokenizer = modeling.load_tokenizer(recipe.model.name, recipe.model.revision)
+    store = datastore.prepare_data(recipe.data, tokenizer, recipe.train.max_seq_length)
+    return list(datastore.split_encodings(store, recipe.data, recipe.train.seed)[1].all_rows)
+
+
 def measure_images(prepared: Prepared) -> None:
     """Check the model can read images, and how many tiles each image fills under the recipe's cap."""
     recipe = prepared.recipe
