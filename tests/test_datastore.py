@@ -295,3 +295,40 @@ def test_the_training_dataset_holds_the_kept_rows_in_the_given_order_with_trl_la
         # what TRL builds from completion_mask: the id where the loss applies, -100 elsewhere
         assert item["labels"] == [t if m else -100 for t, m in zip(examples[i].input_ids, examples[i].completion_mask)]
     assert list(train.trained_lengths) == [44] * 6
+
+
+def test_content_hash_follows_the_bytes_of_a_file_or_of_every_file_in_a_saved_dataset(tmp_path):
+    from toolkit.sources import content_hash
+
+    one = write_jsonl(tmp_path / "a.jsonl", term_rows())
+    two = write_jsonl(tmp_path / "b.jsonl", term_rows())
+    assert content_hash(one) == content_hash(two)  # the name does not matter, the content does
+    os.utime(two, ns=(0, 0))
+    assert content_hash(one) == content_hash(two)
+    two.write_text(two.read_text(encoding="utf-8").replace("철근", "철골"), encoding="utf-8")
+    assert content_hash(one) != content_hash(two)
+    folder = tmp_path / "saved"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "x.arrow").write_bytes(b"ab")
+    (folder / "y.json").write_bytes(b"c")
+    before = content_hash(folder)
+    (folder / "y.json").write_bytes(b"d")
+    assert content_hash(folder) != before
+    (folder / "y.json").write_bytes(b"c")
+    assert content_hash(folder) == before
+    (folder / "sub" / "x.arrow").rename(folder / "sub" / "z.arrow")  # a renamed file inside is a change
+    assert content_hash(folder) != before
+
+
+def test_rows_of_different_shapes_in_one_chunk_each_get_their_own_template(tokenizer, tmp_path, monkeypatch,
+                                                                            image_data):
+    # image rows and text rows both have two texts (question, answer) but render different templates
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / "cache"))
+    path = Path(image_data["mixed"])
+    section = DataSection(train=str(path), num_proc=1)
+    _, (train, _) = stored(section, tokenizer, limit=4096)
+    reference = one_by_one(path, section, tokenizer, limit=4096)
+    image_id = tokenizer.convert_tokens_to_ids("<|image|>")
+    assert [e.input_ids.count(image_id) for e in train.examples] == [1] * 6 + [0] * 12
+    assert [(e.input_ids, e.completion_mask, e.images) for e in train.examples] == \
+        [(e.input_ids, e.completion_mask, e.images) for e in reference]

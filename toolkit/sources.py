@@ -462,10 +462,9 @@ def content_hash(path: Path) -> str:
     digest = hashlib.blake2b(digest_size=20)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode("utf-8", "surrogateescape") + b"\0")
+        name = str(file.relative_to(path)) if path.is_dir() else ""
+        digest.update(f"{len(name)}:{name}:{file.stat().st_size}:".encode("utf-8", "surrogateescape"))
         with file.open("rb") as handle:
             while block := handle.read(1 << 20):
                 digest.update(block)
-        digest.update(b"\0")
     return digest.hexdigest()
