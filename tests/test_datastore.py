@@ -332,3 +332,33 @@ def test_rows_of_different_shapes_in_one_chunk_each_get_their_own_template(token
     assert [e.input_ids.count(image_id) for e in train.examples] == [1] * 6 + [0] * 12
     assert [(e.input_ids, e.completion_mask, e.images) for e in train.examples] == \
         [(e.input_ids, e.completion_mask, e.images) for e in reference]
+
+
+def test_lora_targets_are_checked_once_per_config_lora_and_quantization(tmp_path, monkeypatch):
+    from toolkit import prepare as prepare_module
+    from toolkit.recipe import load_recipe
+
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe(str(ROOT / "recipes" / "quickstart.yaml"), [])
+    def config():  # as each command loads it (building the meta model adds settings to the config it is given)
+        return modeling.load_config(recipe.model.name)
+
+    built = []
+    real_meta = modeling.meta_model
+    monkeypatch.setattr(modeling, "meta_model", lambda c: built.append(1) or real_meta(c))
+    first = prepare_module.lora_targets(recipe, config())
+    assert len(first) == 29 and len(built) == 1
+    assert prepare_module.lora_targets(recipe, config()) == first and len(built) == 1  # remembered
+    narrower = recipe.model_copy(update={"lora": recipe.lora.model_copy(update={"targets": ["q_proj"]})})
+    assert len(prepare_module.lora_targets(narrower, config())) == 4 and len(built) == 2  # another key
+    kept = next((tmp_path / "cache" / "lora-targets").glob("*.json"))
+    for damaged in ("{", json.dumps({"key": "other", "modules": ["x"]}), json.dumps({"key": kept.stem, "modules": []})):
+        for path in (tmp_path / "cache" / "lora-targets").glob("*.json"):
+            path.write_text(damaged, encoding="utf-8")
+        built.clear()
+        assert prepare_module.lora_targets(recipe, config()) == first and len(built) == 1  # checked again
+    bad = recipe.model_copy(update={"lora": recipe.lora.model_copy(update={"targets": ["no_such_proj"]})})
+    with pytest.raises(ToolkitError):
+        prepare_module.lora_targets(bad, config())
+    with pytest.raises(ToolkitError):  # a refusal is never remembered
+        prepare_module.lora_targets(bad, config())

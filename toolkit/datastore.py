@@ -29,7 +29,7 @@ from pathlib import Path
 from toolkit import builtin, data, encode, sources
 from toolkit.errors import ToolkitError
 
-ENCODER_VERSION = 1  # raise whenever toolkit.encode or toolkit.data would give other ids, masks or rows
+ENCODER_VERSION = 2  # raise whenever toolkit.encode or toolkit.data would give other ids, masks or rows
 CHUNK_ROWS = 2000  # rows a worker checks and encodes per task
 SMALL_DATA_BYTES = 2 * 2**20
 SPLITS = ("train", "eval")
@@ -43,7 +43,7 @@ def schema():
         ("source", pa.string()), ("line", pa.int64()), ("where", pa.string()), ("fields", pa.string()),
         ("input_ids", pa.list_(pa.int32())), ("completion_mask", pa.list_(pa.int8())),
         ("labels", pa.list_(pa.int32())), ("image_paths", pa.list_(pa.string())),
-        ("length", pa.int32()), ("status", pa.int8()), ("special", pa.bool_()),
+        ("length", pa.int32()), ("status", pa.int8()), ("special", pa.int8()),
     ])
 
 
@@ -89,7 +89,7 @@ def to_batch(items):
         columns["image_paths"].append(list(encoded.images))
         columns["length"].append(len(encoded.input_ids))
         columns["status"].append(status)
-        columns["special"].append(special)
+        columns["special"].append(int(special))
         if fitted is not None:
             ids += fitted.input_ids
             mask += fitted.completion_mask
@@ -398,6 +398,18 @@ def install(scratch: Path, folder: Path) -> None:
 # ---- views of the stored rows ----
 
 
+def as_numpy(column, dtype):
+    """A column of fixed-width numbers without nulls as one numpy array, read from its Arrow buffers (pyarrow's own
+    `to_numpy` imports pandas, a second of `validate`'s time)."""
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    chunks = column.chunks if hasattr(column, "chunks") else [column]
+    parts = [np.frombuffer(c.buffers()[1], dtype=dtype, count=len(c), offset=c.offset * dtype.itemsize)
+             for c in chunks if len(c)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
 class TableRows(Sequence):
     """Rows of an Arrow table at the given indices, made into Python objects only when read."""
 
@@ -438,16 +450,16 @@ class StoredEncoding:
     def __post_init__(self):
         import numpy as np
 
-        status = self.table["status"].to_numpy()[self.indices] if len(self.indices) else np.zeros(0, np.int8)
+        status = as_numpy(self.table["status"], np.int8)[self.indices]
         self.status = status
         self.kept = self.indices[status <= data.CUT]
-        self.lengths = self.table["length"].to_numpy()[self.indices] if len(self.indices) else np.zeros(0, np.int32)
+        self.lengths = as_numpy(self.table["length"], np.int32)[self.indices]
         self.kept_lengths = self.lengths[status <= data.CUT]
         self.truncated = int((status == data.CUT).sum())
         self.dropped_long = int((status == data.DROPPED_LONG).sum())
         self.dropped_empty = int((status == data.DROPPED_EMPTY).sum())
         self.dropped_image = int((status == data.DROPPED_IMAGE).sum())
-        special = self.table["special"].to_numpy(zero_copy_only=False)[self.indices] if len(self.indices) else []
+        special = as_numpy(self.table["special"], np.int8)[self.indices]
         self.special_rows = int(np.sum(special))
         if self.special_rows:
             first = self.indices[np.flatnonzero(special)[:10]]
@@ -467,13 +479,13 @@ class StoredEncoding:
         """Token counts of the kept rows as trained (after any cut)."""
         import pyarrow.compute as pc
 
-        return pc.list_value_length(self.table["input_ids"].take(self.kept)).to_numpy(zero_copy_only=False)
+        return as_numpy(pc.list_value_length(self.table["input_ids"].take(self.kept)), "int32")
 
     @property
     def image_flags(self):
         import pyarrow.compute as pc
 
-        return pc.list_value_length(self.table["image_paths"].take(self.kept)).to_numpy(zero_copy_only=False) > 0
+        return as_numpy(pc.list_value_length(self.table["image_paths"].take(self.kept)), "int32") > 0
 
     @property
     def image_rows(self) -> int:

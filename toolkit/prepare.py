@@ -7,11 +7,13 @@ ids and masks.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rich.markup import escape
 
-from toolkit import data, datastore, lora, modeling, trackers, vision
+from toolkit import builtin, data, datastore, files, lora, modeling, trackers, vision
 from toolkit.errors import ToolkitError
 from toolkit.report import console, show
 from toolkit.translate import Accelerator, resolve_precision
@@ -83,10 +85,63 @@ def prepare(recipe, device: Accelerator | None = None) -> Prepared:
     prepared = Prepared(recipe, device, precision, tokenizer, model_config, train, evals, store.note)
     if train.image_rows or evals.image_rows:
         measure_images(prepared)
+    prepared.lora_modules = lora_targets(recipe, model_config)
+    return prepared
+
+
+TARGETS_VERSION = 1  # raise when what lora_targets computes changes in a way its key does not show
+
+
+def lora_targets(recipe, model_config) -> list[str]:
+    """The module names the recipe's LoRA wraps, checked on a weightless meta model (and quantization.skip_modules
+    against its linear layers), or remembered from an earlier check of the same inputs.
+
+    Building the meta model and running PEFT on it needs torch, the model's code, PEFT and bitsandbytes imported:
+    most of what `validate` spent on a small data set. The answer depends only on the model config, the recipe's
+    `lora` and `quantization` sections, the transformers, PEFT and torch versions and the toolkit's own code that
+    computes it (`toolkit/lora.py`, `toolkit/modeling.py`), so it is kept in `$TOOLKIT_CACHE/lora-targets/` under a
+    digest of all of them. Only a check that passed is kept; an unreadable or foreign file is checked again.
+    """
+    key = targets_key(recipe, model_config)
+    path = builtin.cache_root() / "lora-targets" / f"{key}.json"
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        modules = kept["modules"]
+        if kept["key"] == key and isinstance(modules, list) and modules and all(isinstance(m, str) for m in modules):
+            return modules
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     meta = modeling.meta_model(model_config)
     modeling.check_skip_modules(recipe.quantization, meta)  # before LoRA renames the wrapped layers
-    prepared.lora_modules = lora.resolve_targets(meta, recipe.lora)
-    return prepared
+    modules = lora.resolve_targets(meta, recipe.lora)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files.write_text_atomic(path, json.dumps({"key": key, "modules": modules}))
+    except OSError:
+        pass  # a cache that cannot be written only costs the time
+    return modules
+
+
+def targets_key(recipe, model_config) -> str:
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    digest = hashlib.blake2b(digest_size=16)
+    parts = [str(TARGETS_VERSION), model_config.to_json_string(use_diff=False),
+             json.dumps(recipe.lora.model_dump(mode="json"), sort_keys=True),
+             json.dumps(recipe.quantization.model_dump(mode="json"), sort_keys=True),
+             json.dumps({p: installed(p) for p in ("transformers", "peft", "torch")}, sort_keys=True)]
+    for part in parts:
+        digest.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    for module in (lora, modeling):
+        digest.update(Path(module.__file__).read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def held_out_rows(recipe) -> list:
