@@ -312,14 +312,17 @@ def unique_images(tables: dict) -> list[str]:
 def prepare_data(data_section, tokenizer, limit: int) -> Store:
     """The encoded data of this recipe: from the cache when an intact entry has the same key, else encoded now
     (every problem of every file raised at once, nothing cached) and cached."""
+    started = time.monotonic()
     key, parts = cache_key(data_section, limit, tokenizer)
     folder = cache_root() / key
     damaged = None
     if folder.exists():
         damaged = entry_problem(folder)
         if damaged is None:
-            return Store(folder, open_entry(folder), True, f"from the cache (entry {key[:12]})")
-    started = time.monotonic()
+            tables = open_entry(folder)
+            rows = sum(t.num_rows for t in tables.values())
+            return Store(folder, tables, True, f"from the cache (entry {key[:12]}): {rows:,} rows, checked and "
+                                               f"opened in {time.monotonic() - started:.1f} s")
     tables = encode_to(folder, key, parts, data_section, tokenizer, limit)
     seconds = time.monotonic() - started
     rows = sum(t.num_rows for t in tables.values())
