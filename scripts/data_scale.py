@@ -74,7 +74,8 @@ def measured(command: list[str], env: dict) -> dict:
         text = output.read()
     return {"wall_s": round(wall, 1), "exit": process.returncode, "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
             "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2), "peak_tree_rss_gb": round(peak_tree / 2**20, 2),
-            "notes": [line.strip(" │") for line in text.splitlines() if "rows/s" in line or "from the cache" in line or "error" in line][-2:]}
+            "notes": [line.strip(" │") for line in text.splitlines() if any(
+                mark in line for mark in ("rows/s", "from the cache", "error"))][-2:]}
 
 
 DATASETS_WAY = r"""

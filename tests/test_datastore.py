@@ -171,7 +171,8 @@ def test_the_same_data_again_comes_from_the_cache_without_encoding(tokenizer, ca
     section, _ = cached
     refuse_encoding(monkeypatch)
     store = datastore.prepare_data(section, tokenizer, 256)
-    assert store.hit and store.note.startswith("from the cache (entry ") and ": 12 rows, checked and opened in " in store.note
+    assert store.hit and store.note.startswith("from the cache (entry ")
+    assert ": 12 rows, checked and opened in " in store.note
     train, _ = datastore.split_encodings(store, section, 0)
     assert digest(train.examples) == digest(data.encode_rows(data.parse_rows(Path(section.train), section)[0],
                                                              section, tokenizer, 256).examples)

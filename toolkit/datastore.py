@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolkit import builtin, data, encode, sources
-from toolkit.errors import ToolkitError
 
 ENCODER_VERSION = 2  # raise whenever toolkit.encode or toolkit.data would give other ids, masks or rows
 CHUNK_ROWS = 2000  # rows a worker checks and encodes per task
@@ -304,8 +303,9 @@ def unique_images(tables: dict) -> list[str]:
 
     paths = set()
     for table in tables.values():
-        if table.num_rows:
-            paths.update(pc.unique(pc.list_flatten(table["image_paths"])).to_pylist())
+        flat = pc.list_flatten(table["image_paths"])
+        if len(flat):  # to_pylist imports pandas, a second that text-only data need not spend
+            paths.update(pc.unique(flat).to_pylist())
     return sorted(paths)
 
 
@@ -482,13 +482,13 @@ class StoredEncoding:
         """Token counts of the kept rows as trained (after any cut)."""
         import pyarrow.compute as pc
 
-        return as_numpy(pc.list_value_length(self.table["input_ids"].take(self.kept)), "int32")
+        return as_numpy(pc.list_value_length(self.table["input_ids"]), "int32")[self.kept]
 
     @property
     def image_flags(self):
         import pyarrow.compute as pc
 
-        return as_numpy(pc.list_value_length(self.table["image_paths"].take(self.kept)), "int32") > 0
+        return as_numpy(pc.list_value_length(self.table["image_paths"]), "int32")[self.kept] > 0
 
     @property
     def image_rows(self) -> int:
@@ -498,8 +498,7 @@ class StoredEncoding:
     def images_total(self) -> int:
         import pyarrow.compute as pc
 
-        lengths = pc.list_value_length(self.table["image_paths"].take(self.kept))
-        return int(pc.sum(lengths).as_py() or 0)
+        return int(as_numpy(pc.list_value_length(self.table["image_paths"]), "int32")[self.kept].sum())
 
     def dataset(self, order=None):
         """The kept rows (in `order`, indices into them) as a `datasets.Dataset` over the memory-mapped table, with

@@ -220,6 +220,7 @@ def show_plan(p: Prepared) -> None:
     show("Plan", ["setting", "value"], rows)
     special = p.train.special_text + p.eval.special_text
     if special:
-        console.print(f"[yellow]note:[/] {p.train.special_rows + p.eval.special_rows} row(s) contain special-token text such as <|eot_id|> "
+        count = p.train.special_rows + p.eval.special_rows
+        console.print(f"[yellow]note:[/] {count} row(s) contain special-token text such as <|eot_id|> "
                       f"(first: {escape(special[0])}); it is trained as plain text, never as the token itself",
                       soft_wrap=True)
