@@ -246,6 +246,10 @@ class Encoding:
     def images_total(self) -> int:
         return sum(len(e.images) for e in self.examples)
 
+    @property
+    def max_images(self) -> int:
+        return max((len(e.images) for e in self.examples), default=0)
+
     def dataset(self, order=None):
         """The kept rows, in `order` (indices into them) when given, as a `datasets.Dataset` for TRL."""
         return to_dataset(self.examples if order is None else [self.examples[i] for i in order])

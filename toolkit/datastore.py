@@ -401,6 +401,12 @@ def install(scratch: Path, folder: Path) -> None:
 # ---- views of the stored rows ----
 
 
+def pc_list_lengths(column):
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(column)
+
+
 def as_numpy(column, dtype):
     """A column of fixed-width numbers without nulls as one numpy array, read from its Arrow buffers (pyarrow's own
     `to_numpy` imports pandas, a second of `validate`'s time)."""
@@ -493,6 +499,11 @@ class StoredEncoding:
     @property
     def image_rows(self) -> int:
         return int(self.image_flags.sum()) if len(self.kept) else 0
+
+    @property
+    def max_images(self) -> int:
+        counts = as_numpy(pc_list_lengths(self.table["image_paths"]), "int32")[self.kept]
+        return int(counts.max()) if len(counts) else 0
 
     @property
     def images_total(self) -> int:
