@@ -34,6 +34,7 @@ class Setup:
     upcast_inputs: bool = False
     adapted_per_layer: int = 4  # LoRA modules in one decoder layer
     compute_bytes: int = 2  # bf16/fp16; 4 for fp32
+    skip_modules: tuple[str, ...] | None = None  # quantization.skip_modules: linear layers left unquantized
 
     @classmethod
     def from_recipe(cls, recipe, precision: str) -> "Setup":
@@ -45,7 +46,8 @@ class Setup:
                    liger=recipe.train.liger_kernel, checkpointing=recipe.train.gradient_checkpointing,
                    dropout=recipe.lora.dropout, upcast_inputs=recipe.lora.upcast_inputs,
                    adapted_per_layer=per_layer,
-                   compute_bytes=4 if precision == "fp32" else 2)
+                   compute_bytes=4 if precision == "fp32" else 2,
+                   skip_modules=tuple(skip) if (skip := recipe.quantization.skip_modules) else None)
 
 
 # ---- weights ----
@@ -59,15 +61,18 @@ def quantized_bytes_per_weight(setup: Setup, in_features: int) -> float:
     return 0.5 + (1.0 if setup.double_quant else 4.0) / 64
 
 
-def weight_bytes(meta_model, setup: Setup, skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """Bytes of the frozen model: linear layers as quantized (all but `skip`), everything else in the compute
-    dtype."""
+def weight_bytes(meta_model, setup: Setup) -> int:
+    """Bytes of the frozen model: linear layers as quantized (all but those `quantization.skip_modules` keeps, by
+    the loader's own rule), everything else in the compute dtype."""
     import torch
+
+    from toolkit.modeling import quantized
 
     total = 0.0
     counted = set()
     for name, module in meta_model.named_modules():
-        if isinstance(module, torch.nn.Linear) and setup.quantization != "none" and not name.endswith(skip):
+        if (isinstance(module, torch.nn.Linear) and setup.quantization != "none"
+                and quantized(name, setup.skip_modules)):
             total += module.weight.numel() * quantized_bytes_per_weight(setup, module.in_features)
             counted.add(id(module.weight))
     for param in meta_model.parameters():

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 from toolkit.formatters import FORMATTERS
 
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe inside a run directory
@@ -330,7 +330,7 @@ def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:
 def yaml_problem(err: yaml.YAMLError) -> str:
     """One line: what is wrong and where (PyYAML's own message spans several lines with a caret drawing)."""
     mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    problem = getattr(err, "problem", None) or first_line(err)
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 

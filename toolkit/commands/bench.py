@@ -24,6 +24,7 @@ import argparse
 import gc
 import json
 import random
+import re
 import statistics
 import tempfile
 import time
@@ -35,7 +36,7 @@ from transformers import TrainerCallback
 
 from toolkit import builtin, memory, modeling, trainer, vision
 from toolkit.batching import length_grouped_order
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 from toolkit.prepare import check_kernels
 from toolkit.recipe import apply_overrides, read_yaml, recipe_from_dict
 from toolkit.report import console, show, write_json
@@ -68,8 +69,11 @@ NAMED_SETUPS = {
 # What a setup ran like before the fast paths: PEFT's layers, LLM.int8() matmuls, TRL's per-step metrics.
 BEFORE_FAST_PATHS = ["train.fused_lora=false", "quantization.int8_matmul=int8", "train.token_metrics=true"]
 
-# Dense bf16 tensor-core peak per GPU (vendor datasheets, FLOP/s), for MFU.
-PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.05e12, "A10": 125e12}
+# Dense bf16 tensor-core peak per GPU (vendor datasheets, FLOP/s), for MFU, by (model, form factor); a form factor
+# of None is the SXM board, which CUDA names without one ("NVIDIA H100 80GB HBM3").
+PEAK_BF16_FLOPS = {("H200", None): 989.4e12, ("H200", "NVL"): 835.5e12,
+                   ("H100", None): 989.4e12, ("H100", "PCIE"): 756.5e12, ("H100", "NVL"): 835.5e12,
+                   ("A100", None): 312e12, ("L40S", None): 362.05e12, ("A10", None): 125e12}
 
 
 # ---- arithmetic (pure, unit-tested on CPU) ----
@@ -98,10 +102,14 @@ def lora_flops_per_token(params: int, recompute: bool) -> float:
 
 
 def peak_flops(device_name: str) -> float | None:
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in device_name:
-            return flops
-    return None
+    """The peak of the GPU CUDA calls `device_name`, matched by whole words ("A10" is not "A100" or "A10G"; an H100
+    PCIe is not an SXM H100); None for a GPU not in the table, so MFU is left out rather than wrong."""
+    words = re.split(r"[^A-Z0-9]+", device_name.upper())
+    models = [model for model, _ in PEAK_BF16_FLOPS if model in words]
+    if not models:
+        return None
+    form = next((form for model, form in PEAK_BF16_FLOPS if model == models[0] and form in words), None)
+    return PEAK_BF16_FLOPS[(models[0], form)]
 
 
 def step_tokens(records: list[tuple[int, int]], grad_accum: int) -> list[tuple[int, int]]:
@@ -511,7 +519,7 @@ def measure_safely(*args) -> dict:
         return measure(*args)
     except Exception as err:  # one setup failing must not lose the others' numbers
         free_memory()
-        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+        return {"error": f"{type(err).__name__}: {first_line(err)}"}
 
 
 def child_main(queue, args) -> None:

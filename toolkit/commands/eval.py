@@ -199,7 +199,7 @@ def show_examples(records: list[dict], compare: bool) -> None:
         table.add_column(name, width=width, overflow="fold")
     for record in records[:EXAMPLES_SHOWN]:
         missing = "n/a" if record["terms_missing"] is None else ", ".join(record["terms_missing"]) or "-"
-        values = [record["input"] or record["instruction"], record["reference"], record["prediction"]]
+        values = [record["input"] or record["instruction"] or record["question"], record["reference"], record["prediction"]]
         values += [record["base_prediction"]] if compare else []
         table.add_row(*[clip(value, width) for value in values + [missing]])
     console.print(table)
