@@ -144,22 +144,69 @@ def test_extract_merge_and_eval_into_a_read_only_folder_are_one_line(tiny_run, t
                                  "writable; choose another --json")
 
 
+NOISE_EXAMPLES = {  # logger -> (a record it logs as a normal run's noise, as (format, args)), one it must keep)
+    "bitsandbytes.backends.cpu.ops": (("Failed to load CPU gemm_4bit_forward from kernels-community: %s", ("x",)),
+                                      "Failed to load CUDA kernels"),
+    "bitsandbytes.autograd._functions": (("MatMul8bitLt: inputs will be cast from torch.float32 to float16", ()),
+                                         "MatMul8bitLt: something else"),
+    "transformers.trainer_utils": (("mtime may not be reliable on this filesystem, falling back to numerical "
+                                    "ordering", ()), "checkpoint folder is missing"),
+    "kernels._internals.hf_hub": (("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' "
+                                   "because Hugging Face Hub is in offline mode.", ()),
+                                  "Repository 'x/y' is not from a trusted publisher"),
+    "transformers.tokenization_utils_base": (
+        ("Token indices sequence length is longer than the specified maximum sequence length for this model "
+         "(2000003 > 131072). Running this sequence through the model will result in indexing errors", ()),
+        "Special tokens have been added in the vocabulary"),
+    "liger_kernel.backends.registry": (
+        ("Backend impl '%s' for op '%s' could not be imported: %s: %s",
+         ("liger_kernel.ops.backends._cutedsl.rms_norm", "rms_norm", "ImportError", "No module named 'cutlass'")),
+        "Backend impl 'liger_kernel.ops.backends._triton.rms_norm' for op 'rms_norm' could not be imported: x"),
+}
+NOISY_WARNING_EXAMPLES = [
+    ("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning),
+    ("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.", UserWarning),
+    ("Image size (144000000 pixels) exceeds limit of 89478485 pixels, could be decompression bomb DOS attack.",
+     RuntimeWarning),
+]
+
+
+def dropped(name: str, message: str, args: tuple = ()) -> bool:
+    logger = logging.getLogger(name)
+    return not logger.filter(logger.makeRecord(name, logging.WARNING, "f", 1, message, args, None))
+
+
 def test_known_library_noise_is_hidden_and_nothing_else():
+    assert set(NOISE_EXAMPLES) == set(cli.NOISY_LOGGERS)
     cli.hide_known_noise()
-    for name, prefix in cli.NOISY_LOGGERS.items():
-        logger = logging.getLogger(name)
-        assert not logger.filter(logger.makeRecord(name, logging.WARNING, "f", 1, prefix + " details", (), None))
-        assert logger.filter(logger.makeRecord(name, logging.WARNING, "f", 1, "something else went wrong", (), None))
+    for name, ((message, args), kept) in NOISE_EXAMPLES.items():
+        assert dropped(name, message, args), name
+        assert not dropped(name, kept), name
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
         cli.hide_known_noise()
-        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
-        warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
-                      UserWarning)
+        for message, category in NOISY_WARNING_EXAMPLES:
+            warnings.warn(message, category)
         warnings.warn("some other deprecation", FutureWarning)
-    assert [str(w.message) for w in shown] == [
-        "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
-        "some other deprecation"]
+        warnings.warn("Setting something else", UserWarning)
+    assert [str(w.message) for w in shown] == ["some other deprecation", "Setting something else"]
+
+
+def test_debug_shows_the_noise_too():
+    cli.hide_known_noise()
+    cli.hide_known_noise(debug=True)
+    try:
+        for name, ((message, args), _) in NOISE_EXAMPLES.items():
+            assert not dropped(name, message, args), name
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            cli.hide_known_noise()  # a command without --debug ran earlier in this process
+            cli.hide_known_noise(debug=True)
+            for message, category in NOISY_WARNING_EXAMPLES:
+                warnings.warn(message, category)
+        assert [str(w.message) for w in shown] == [message for message, _ in NOISY_WARNING_EXAMPLES]
+    finally:
+        cli.hide_known_noise()
 
 
 def test_a_full_disk_reported_inside_a_library_error_is_one_line(monkeypatch, capsys):
@@ -226,6 +273,66 @@ def test_answer_length_is_bounded(command, capsys):
     extra = ["question"] if command == "generate" else []
     assert main([command, "runs/x", *extra, "--max-new-tokens", "100000"]) == 2
     assert "at most 8192 new tokens per answer, got 100000" in capsys.readouterr().err
+
+
+def test_a_recipe_path_that_is_a_folder_says_so(tmp_path, capsys):
+    assert main(["validate", str(tmp_path)]) == 2
+    assert output(capsys)[0] == f"error: recipe {tmp_path} is a directory; give the recipe's YAML file"
+
+
+def test_a_model_folder_that_is_a_file_says_so(tmp_path, tiny_data, capsys):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"not a folder")
+    recipe = tiny_recipe(tmp_path, tiny_data, model={"name": str(weights)})
+    assert main(["validate", str(recipe)]) == 2
+    assert output(capsys)[0] == (f"error: model.name {weights} is a file, not a model folder; give the folder that "
+                                 "holds its config.json (or a hub id)")
+
+
+def test_a_merge_output_name_too_long_names_the_users_path(tiny_run, tmp_path, capsys):
+    out = tmp_path / ("m" * 240)
+    assert main(["merge", str(tiny_run), "--output", str(out)]) == 2
+    assert output(capsys)[0] == (
+        f"error: --output {out}: the name is too long; the merge builds the model beside it in a folder named after "
+        "it, and this file system allows 255 bytes per name, so choose a name of at most 237 bytes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_once_the_merged_model_is_moving_into_place_finishes_with_0(tiny_run, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from toolkit.commands import merge
+
+    original = merge.put_in_place
+
+    def interrupted(staging, out, overwrite):
+        original(staging, out, overwrite)
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C just as the model lands
+
+    monkeypatch.setattr(merge, "put_in_place", interrupted)
+    out = tmp_path / "merged"
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores it)
+    try:
+        assert main(["merge", str(tiny_run), "--output", str(out), "--dtype", "fp32"]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again afterwards
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert files.is_complete(out, "merged") and "Merged model in" in output(capsys)[0]
+
+
+def test_once_a_command_has_returned_ctrl_c_cannot_change_its_exit_code(monkeypatch):
+    """Python ends a process whose shutdown a Ctrl-C interrupts by SIGINT (exit -2); after the command returned its
+    code stands."""
+    import signal
+
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as done:
+            cli.entry()
+        assert done.value.code == 0 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("err, line", [

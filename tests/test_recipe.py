@@ -148,3 +148,45 @@ def test_set_problems_are_one_line_errors(tmp_path, recipe_text, override, messa
     with pytest.raises(ToolkitError) as err:
         load_recipe(path, [override])
     assert str(err.value) == message
+
+
+def test_a_key_written_twice_is_an_error_naming_both_lines(tmp_path, capsys):
+    from toolkit.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  name: builtin:tiny-mllama\ndata:\n  train: t.jsonl\ntrain:\n  learning_rate: 1.0e-3\n"
+                    "  max_steps: 3\n  learning_rate: 5.0e-4\nmodel:\n  name: other\n", encoding="utf-8")
+    with pytest.raises(ToolkitError) as err:
+        load_recipe(path)
+    assert str(err.value) == (f"{path}: key 'learning_rate' is written twice (lines 6 and 8); key 'model' is written "
+                              "twice (lines 1 and 9); keep one of each")
+    assert main(["sft", str(path), "--output-dir", str(tmp_path / "run")]) == 2
+    assert "key 'learning_rate' is written twice (lines 6 and 8)" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_merge_key_may_still_be_overridden(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("base: &b {r: 4, alpha: 8}\nmodel: {name: x}\ndata: {train: t}\nlora:\n  <<: *b\n  r: 16\n",
+                    encoding="utf-8")
+    with pytest.raises(ToolkitError, match="base: unknown key"):  # the anchor's holder is still an unknown key
+        load_recipe(path)
+    path.write_text("model: {name: x}\ndata: {train: t}\nlora: {<<: {r: 4, alpha: 8}, r: 16}\n", encoding="utf-8")
+    recipe = load_recipe(path)
+    assert (recipe.lora.r, recipe.lora.alpha) == (16, 8)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.max_steps=3", "train.max_steps=4"],
+     "--set train.max_steps is given twice ('train.max_steps=3' and 'train.max_steps=4'); keep one"),
+    (["train={max_steps: 3}", "train.max_steps=4"],
+     "--set train is given twice ('train={max_steps: 3}' and 'train.max_steps=4'); keep one"),
+    (["lora={r: 3, r: 4}"], "--set lora: in its value, key 'r' is written twice (lines 1 and 1); keep one"),
+])
+def test_set_of_the_same_key_twice_is_an_error(tmp_path, overrides, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL), encoding="utf-8")
+    with pytest.raises(ToolkitError) as err:
+        load_recipe(path, overrides)
+    assert str(err.value) == message
+    assert load_recipe(path, ["train.max_steps=3", "train.seed=4"]).train.max_steps == 3  # different keys are fine

@@ -231,3 +231,44 @@ def test_metrics_json_is_strict_json(tmp_path):
     text = (tmp_path / "m.json").read_text(encoding="utf-8")
     assert json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name}")) == {
         "loss": None, "history": [{"grad_norm": None}, {"x": 1.5}]}
+
+
+DAMAGED_MARKERS = {
+    "cut short": ('{"made_by": "toolkit", "kind": "run", "complete": fals', "not valid JSON, perhaps cut short"),
+    "not json": ("\x00\x01garbage", "not valid JSON, perhaps cut short"),
+    "a list": ('["made_by", "toolkit"]', "not a JSON object"),
+    "no kind": ('{"made_by": "toolkit", "complete": true}', "it names no kind"),
+    "complete as text": ('{"made_by": "toolkit", "kind": "run", "complete": "yes"}',
+                         "its 'complete' is not true or false"),
+}
+
+
+@pytest.mark.parametrize("marker", DAMAGED_MARKERS, ids=list(DAMAGED_MARKERS))
+@pytest.mark.parametrize("command", ["eval", "extract", "merge", "generate", "sft", "sft --overwrite",
+                                     "sft --resume"])
+def test_a_damaged_marker_is_a_damaged_run_for_every_command(tiny_run, tiny_data, tmp_path, capsys, command, marker):
+    text, why = DAMAGED_MARKERS[marker]
+    run_dir = damaged_copy(tiny_run, tmp_path, lambda folder: (folder / files.MARKER).write_text(text, "utf-8"))
+    before = sorted((p.relative_to(run_dir), p.read_bytes()) for p in run_dir.rglob("*") if p.is_file())
+    argv = {"eval": ["eval", str(run_dir)],
+            "extract": ["extract", str(run_dir), "--output", str(tmp_path / "a.safetensors")],
+            "merge": ["merge", str(run_dir), "--output", str(tmp_path / "merged")],
+            "generate": ["generate", str(run_dir), "hello"]}.get(command)
+    if argv is None:
+        recipe = tiny_recipe(tmp_path, tiny_data, train={"max_steps": 2, "save_steps": 2})
+        argv = ["sft", str(recipe), "--output-dir", str(run_dir), *command.split()[1:]]
+    assert main(argv) == 2
+    out = capsys.readouterr().out
+    assert out.replace("\n", "").split("error: ")[-1] == (
+        f"{run_dir / files.MARKER} is damaged ({why}): the toolkit cannot tell what {run_dir} holds or whether "
+        f"it is finished, so it neither uses nor replaces it; write to a new directory (train again, for a run) and "
+        f"remove {run_dir} yourself once it is no longer needed")
+    assert sorted((p.relative_to(run_dir), p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()) == before
+    assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "merged").exists()
+
+
+def test_a_toolkit_marker_of_another_kind_is_named(tiny_run, tmp_path, short_recipe, capsys):
+    folder = damaged_copy(tiny_run, tmp_path, lambda folder: files.write_marker(folder, "merged", complete=True))
+    assert sft(short_recipe, folder, "--overwrite") == 2
+    assert (f"--output-dir {folder} is a toolkit merged directory; --overwrite only replaces a run directory"
+            in capsys.readouterr().out.replace("\n", ""))

@@ -3,6 +3,7 @@ reproducibility, quantized training on CPU, and the errors a user will hit."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -340,3 +341,122 @@ def test_a_run_keeps_the_built_in_build_it_was_trained_on(tiny_run, tmp_path):
     shutil.rmtree(older)
     with pytest.raises(Exception, match="earlier build of builtin:tiny-mllama"):
         runs.open_run(copy)
+
+
+def snapshot(run_dir: Path) -> dict:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def refuse_model_loading(monkeypatch):
+    from toolkit import modeling
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the resume was checked")
+
+    monkeypatch.setattr(modeling, "load_model", load_model)
+
+
+def resume_refusal(six_steps, tmp_path, monkeypatch, capsys, *overrides: str, extra=()) -> tuple[Path, str]:
+    """Resume a copy of the interrupted run with `overrides`; it must exit 2 before any model loads and change
+    nothing in the run directory. Returns the copy and the one error line."""
+    run_dir = copy_of(six_steps["interrupted"], tmp_path)
+    before = snapshot(run_dir)
+    refuse_model_loading(monkeypatch)
+    sets = [f"--set={o}" for o in overrides]
+    assert main(["sft", str(six_steps["recipe"]), "--output-dir", str(run_dir), "--resume", *sets, *extra]) == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1
+    assert snapshot(run_dir) == before and not files.is_complete(run_dir, "run")
+    return run_dir, lines[0]
+
+
+REFUSAL_END = ("Set them back as the run started (in the recipe or --set), or start a new run with another "
+               "--output-dir or --overwrite")
+
+
+def test_a_run_records_what_it_was_started_with(six_steps, tiny_data):
+    record = json.loads((six_steps["interrupted"] / "started.json").read_text(encoding="utf-8"))
+    assert record["resumes"] == []
+    started = record["started"]
+    assert started["recipe"]["lora"]["r"] == 8 and started["recipe"]["train"]["max_steps"] == 6
+    assert (started["precision"], started["processes"], started["strategy"]) == ("fp32", 1, "ddp")
+    digest = hashlib.sha256(Path(tiny_data["train"]).read_bytes()).hexdigest()
+    assert started["contents"]["data.train"] == [digest]
+    assert started["contents"]["images"]["count"] == 0
+
+
+def test_resume_with_another_lora_rank_is_refused_before_any_model_loads(six_steps, tmp_path, monkeypatch, capsys):
+    run_dir, line = resume_refusal(six_steps, tmp_path, monkeypatch, capsys, "lora.r=4")
+    assert line == (f"error: --resume: {run_dir} was started with other settings, and continuing it with these would "
+                    f"make its adapter something other than its record says: lora.r 8 -> 4. {REFUSAL_END}")
+
+
+def test_resume_below_the_steps_already_trained_is_refused(six_steps, tmp_path, monkeypatch, capsys):
+    run_dir, line = resume_refusal(six_steps, tmp_path, monkeypatch, capsys, "train.max_steps=3")
+    assert "train.max_steps 6 -> 3 is below the 4 steps checkpoint-4 has already trained" in line
+    assert not (run_dir / "checkpoint-5").exists()
+    _, line = resume_refusal(six_steps, tmp_path / "epochs", monkeypatch, capsys, "train.max_steps=null",
+                             "train.epochs=0.5")  # 4 steps of 4 rows are 16 rows: 1.33 epochs of 12
+    assert "train.epochs 3.0 -> 0.5 is below the 1.33333 epochs checkpoint-4 has already trained" in line
+
+
+def test_resume_with_other_data_and_learning_rate_names_every_change(six_steps, tmp_path, monkeypatch, capsys,
+                                                                       tiny_data):
+    other = tmp_path / "other.jsonl"
+    other.write_text(Path(tiny_data["train"]).read_text(encoding="utf-8").replace("입니다", "이다"), encoding="utf-8")
+    run_dir, line = resume_refusal(six_steps, tmp_path, monkeypatch, capsys, f"data.train={other}",
+                                   "train.learning_rate=0.0005", "train.max_steps=8")
+    old = hashlib.sha256(Path(tiny_data["train"]).read_bytes()).hexdigest()[:12]
+    new = hashlib.sha256(other.read_bytes()).hexdigest()[:12]
+    assert line == (f"error: --resume: {run_dir} was started with other settings, and continuing it with these would "
+                    f"make its adapter something other than its record says: train.learning_rate 0.005 -> 0.0005; "
+                    f"data.train contents changed ({tiny_data['train']} sha256 {old} -> {other} sha256 {new}). "
+                    f"{REFUSAL_END}")
+
+
+def test_resume_on_a_number_of_processes_that_changes_the_global_batch_is_refused(six_steps, tmp_path, monkeypatch,
+                                                                                  capsys):
+    _, line = resume_refusal(six_steps, tmp_path, monkeypatch, capsys, extra=["--gpus", "3"])
+    assert ("--gpus 1 -> 3: the global batch 4 x 1 cannot be split over 3 processes, so each step would train on a "
+            "different batch") in line
+
+
+def test_resume_on_a_number_of_processes_that_keeps_the_global_batch_goes_ahead(six_steps, tmp_path, monkeypatch):
+    from toolkit import distributed
+
+    launched = []
+    monkeypatch.setattr(distributed, "launch", lambda argv, processes: launched.append((argv, processes)) or 1)
+    run_dir = copy_of(six_steps["interrupted"], tmp_path)
+    assert main(["sft", str(six_steps["recipe"]), "--output-dir", str(run_dir), "--resume", "--gpus", "2"]) == 2
+    assert launched and launched[0][1] == 2 and "--resume" in launched[0][0]
+    record = json.loads((run_dir / "started.json").read_text(encoding="utf-8"))
+    assert record["resumes"] == [{"from": "checkpoint-4", "step": 4, "changes": {"--gpus": [1, 2]}}]
+
+
+def test_harmless_changes_are_accepted_and_the_run_keeps_both_recipes(six_steps, tmp_path, capsys):
+    run_dir = copy_of(six_steps["interrupted"], tmp_path)
+    assert main(["sft", str(six_steps["recipe"]), "--output-dir", str(run_dir), "--resume", "--set",
+                 "train.max_steps=8", "--set", "train.logging_steps=2", "--set", "train.save_total_limit=1"]) == 0
+    out = capsys.readouterr().out.replace("\n", "")
+    assert ("note: this resume changes train.logging_steps 1 -> 2, train.max_steps 6 -> 8, train.save_total_limit "
+            "2 -> 1 (nothing that changes what is learned); recorded in started.json and the run card") in out
+    record = json.loads((run_dir / "started.json").read_text(encoding="utf-8"))
+    assert record["started"]["recipe"]["train"]["max_steps"] == 6
+    assert record["resumes"] == [{"from": "checkpoint-4", "step": 4, "changes": {
+        "train.logging_steps": [1, 2], "train.max_steps": [6, 8], "train.save_total_limit": [2, 1]}}]
+    assert load_recipe(run_dir / "recipe.yaml").train.max_steps == 8
+    assert json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["summary"]["steps"] == 8
+    card = (run_dir / "README.md").read_text(encoding="utf-8")
+    assert ("Resumed from checkpoint-4 (step 4), changing `train.logging_steps` 1 -> 2, `train.max_steps` 6 -> 8, "
+            "`train.save_total_limit` 2 -> 1.") in card
+    assert files.is_complete(run_dir, "run")
+
+
+def test_resume_of_a_run_without_a_record_is_refused(six_steps, tmp_path, monkeypatch, capsys):
+    run_dir = copy_of(six_steps["interrupted"], tmp_path)
+    (run_dir / "started.json").unlink()
+    refuse_model_loading(monkeypatch)
+    assert main(["sft", str(six_steps["recipe"]), "--output-dir", str(run_dir), "--resume"]) == 2
+    assert capsys.readouterr().out.replace("\n", "").endswith(
+        f"error: --resume: {run_dir} does not record what it was started with (no started.json: an earlier toolkit "
+        "started it), so continuing it cannot be checked; start a new run with --overwrite or another --output-dir")

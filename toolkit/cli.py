@@ -12,6 +12,8 @@ import errno
 import importlib
 import logging
 import os
+import re
+import signal
 import sys
 import traceback
 import warnings
@@ -32,18 +34,33 @@ DEBUG_FLAG = "--debug"
 DEBUG_ENV = "TOOLKIT_DEBUG"  # set while a command runs with --debug, so processes it starts show tracebacks too
 
 # Messages a normal run prints that tell the user nothing they can act on, by the logger or warning that carries
-# them. Everything else, PEFT's warnings included, stays visible.
+# them (each a regular expression the whole message must start with). Everything else, PEFT's other warnings
+# included, stays visible, and `--debug` shows these too.
 NOISY_LOGGERS = {
     # bitsandbytes tries an optional CPU kernel package at import time and logs when it is absent.
-    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "bitsandbytes.backends.cpu.ops": [r"Failed to load CPU gemm_4bit_forward from kernels-community"],
     # logged on every forward pass of an 8-bit layer whose input is not fp16 (all of them in fp32 and bf16 runs).
-    "bitsandbytes.autograd._functions": "MatMul8bitLt: inputs will be cast from",
+    "bitsandbytes.autograd._functions": [r"MatMul8bitLt: inputs will be cast from"],
     # checkpoints saved less than a second apart (small models, short save_steps); numbered order is used, as intended.
-    "transformers.trainer_utils": "mtime may not be reliable on this filesystem",
+    "transformers.trainer_utils": [r"mtime may not be reliable on this filesystem"],
+    # bitsandbytes asks the kernels package for an optional kernel at import; offline it says it cannot check
+    # the publisher of a kernel the toolkit never uses.
+    "kernels._internals.hf_hub": [r"Skipping publisher trust check for '.*' because Hugging Face Hub is in offline"],
+    # the tokenizer's own limit (model_max_length), said once for the first long row; the toolkit cuts or drops
+    # rows at train.max_seq_length and the plan counts them ("train rows too long").
+    "transformers.tokenization_utils_base": [r"Token indices sequence length is longer than the specified maximum"],
+    # Liger's optional CuTe DSL backends need a package the GPU extra does not install; Liger falls back to its
+    # Triton kernels, which the toolkit uses.
+    "liger_kernel.backends.registry": [r"Backend impl '[^']*\._cutedsl[^']*' for op '[^']*' could not be imported"],
 }
 NOISY_WARNINGS = [
     # PEFT and TRL read transformers' deprecated alias on every model they wrap; the user cannot change that.
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    # PEFT saves the embedding adapters a recipe targets (lora.targets: [..., embed_tokens]), as asked.
+    (UserWarning, r"Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`"),
+    # PIL's guard against images over ~89 megapixels; a large photo is a photo here, and an image past PIL's hard
+    # limit is refused as unreadable with its row.
+    (RuntimeWarning, r"Image size \(\d+ pixels\) exceeds limit of \d+ pixels, could be decompression bomb"),
 ]
 
 
@@ -64,30 +81,46 @@ def set_environment() -> None:
 
 
 class DropMessage(logging.Filter):
-    """Drops one logger's records that start with a known text, and nothing else."""
+    """Drops one logger's records whose message matches a known pattern, and nothing else."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, patterns: list[str]):
         super().__init__()
-        self.prefix = prefix
+        self.patterns = [re.compile(p) for p in patterns]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
+        try:
+            message = record.getMessage()
+        except Exception:  # a record whose arguments do not fit its format: not ours to judge
+            return True
+        return not any(p.match(message) for p in self.patterns)
 
 
-def hide_known_noise() -> None:
+def hide_known_noise(debug: bool = False) -> None:
     """Hide exactly the messages in NOISY_LOGGERS and NOISY_WARNINGS, and the datasets progress bars TRL's data
-    preparation would draw beside the toolkit's own."""
-    for name, prefix in NOISY_LOGGERS.items():
+    preparation would draw beside the toolkit's own; with `debug`, show them all again."""
+    for name, patterns in NOISY_LOGGERS.items():
         logger = logging.getLogger(name)
-        if not any(isinstance(f, DropMessage) and f.prefix == prefix for f in logger.filters):
-            logger.addFilter(DropMessage(prefix))
+        for old in [f for f in logger.filters if isinstance(f, DropMessage)]:
+            logger.removeFilter(old)
+        if not debug:
+            logger.addFilter(DropMessage(patterns))
     for category, message in NOISY_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category)
-    # datasets reads this when it is imported; importing it here only to switch the bars off cost every command a
-    # second, and validate never imports it
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    if "datasets" in sys.modules:
-        sys.modules["datasets"].disable_progress_bars()
+        if debug:
+            warnings.filters[:] = [f for f in warnings.filters
+                                   if not (f[0] == "ignore" and f[1] is not None and f[1].pattern == message
+                                           and f[2] is category)]
+        else:
+            warnings.filterwarnings("ignore", message=message, category=category)
+    # datasets reads the variable when it is imported; importing it here only to switch the bars off cost every
+    # command a second, and validate never imports it
+    loaded = sys.modules.get("datasets")
+    if debug:
+        if loaded is not None:
+            loaded.enable_progress_bars()
+    else:
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        if loaded is not None:
+            loaded.disable_progress_bars()
 
 
 def os_error_message(err: OSError) -> str:
@@ -144,7 +177,7 @@ def run_command(name: str, argv: list[str], debug: bool) -> int:
 
     try:
         set_environment()
-        hide_known_noise()
+        hide_known_noise(debug)
         module = importlib.import_module(f"toolkit.commands.{name.replace('-', '_')}")
         return module.main(argv)
     except ToolkitError as err:
@@ -190,4 +223,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    # The command has finished and its exit code stands: a Ctrl-C while Python shuts down (which can take a while
+    # after torch) would otherwise end the process by SIGINT (-2) instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)

@@ -54,12 +54,38 @@ def protected(path: Path) -> str | None:
 
 
 def read_marker(folder: Path) -> dict | None:
-    """The toolkit's marker in `folder`, or None when there is none (or it is not ours: unreadable, not a dict)."""
+    """The toolkit's marker in `folder`: None when there is none, or when it is another program's JSON file (no
+    `made_by: toolkit`). A marker that cannot be read, is not JSON (cut short by a crash, say), or says it is the
+    toolkit's without a `kind` and a true/false `complete` is damaged: every reader refuses the folder with the same
+    one line, so a damaged run is never taken for a finished one, nor for someone else's folder."""
+    path = folder / MARKER
     try:
-        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return None
-    return marker if isinstance(marker, dict) and marker.get("made_by") == "toolkit" else None
+    except UnicodeDecodeError:
+        raise damaged_marker(folder, "not UTF-8 text") from None
+    except OSError as err:
+        raise damaged_marker(folder, f"unreadable: {err.strerror or err}") from None
+    try:
+        marker = json.loads(text)
+    except ValueError:
+        raise damaged_marker(folder, "not valid JSON, perhaps cut short") from None
+    if not isinstance(marker, dict):
+        raise damaged_marker(folder, "not a JSON object")
+    if marker.get("made_by") != "toolkit":
+        return None
+    if not isinstance(marker.get("kind"), str) or not marker["kind"]:
+        raise damaged_marker(folder, "it names no kind")
+    if not isinstance(marker.get("complete"), bool):
+        raise damaged_marker(folder, "its 'complete' is not true or false")
+    return marker
+
+
+def damaged_marker(folder: Path, why: str) -> ToolkitError:
+    return ToolkitError(f"{folder / MARKER} is damaged ({why}): the toolkit cannot tell what {folder} holds or "
+                        "whether it is finished, so it neither uses nor replaces it; write to a new directory (train "
+                        f"again, for a run) and remove {folder} yourself once it is no longer needed")
 
 
 def write_marker(folder: Path, kind: str, complete: bool, **extra) -> None:
@@ -91,7 +117,7 @@ def check_replaceable(folder: Path, kind: str, option: str) -> None:
         return
     marker = read_marker(folder)
     if marker is None or marker.get("kind") != kind:
-        made = f"a toolkit {marker.get('kind')} directory" if marker else "not made by toolkit (no .toolkit.json)"
+        made = f"a toolkit {marker['kind']} directory" if marker else "not made by toolkit (no .toolkit.json)"
         raise ToolkitError(f"{option} {folder} is {made}; --overwrite only replaces a {kind} directory the toolkit "
                            "made. Remove it yourself or choose another directory")
 

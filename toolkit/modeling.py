@@ -60,6 +60,9 @@ def load_config(name: str, revision: str | None = None):
 
     location = model_location(name)
     local = Path(location).expanduser()
+    if local.exists() and not local.is_dir():
+        raise ToolkitError(f"model.name {name} is a file, not a model folder; give the folder that holds its "
+                           "config.json (or a hub id)")
     if local.is_dir():
         if not (local / "config.json").exists():
             raise ToolkitError(f"model folder {local} has no config.json; is it a Hugging Face checkpoint?")

@@ -259,7 +259,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not all(part.strip() for part in path):
         raise ToolkitError(f"--set expects KEY=VALUE with a dotted key (e.g. train.max_steps=5), got {text!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_unique(raw) if raw.strip() else ""
+    except DuplicateKeys as err:
+        raise ToolkitError(f"--set {key.strip()}: in its value, {err}; keep one") from None
     except yaml.YAMLError as err:
         raise ToolkitError(f"--set {key.strip()}: the value is not valid YAML ({yaml_problem(err)}); quote it, "
                            f"e.g. --set '{key.strip()}=\"...\"'") from None
@@ -268,10 +270,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return [part.strip() for part in path], value
 
 
+def check_overrides_once(parsed: list[tuple[list[str], Any]], overrides: list[str]) -> None:
+    """Refuse two `--set`s of the same key (or of a key and the section holding it): which one wins would
+    otherwise depend on their order on the command line."""
+    for later, (path, _) in enumerate(parsed):
+        for earlier, (other, _) in enumerate(parsed[:later]):
+            shorter = min(len(path), len(other))
+            if path[:shorter] == other[:shorter]:
+                raise ToolkitError(f"--set {'.'.join(path[:shorter])} is given twice ({overrides[earlier]!r} and "
+                                   f"{overrides[later]!r}); keep one")
+
+
 def apply_overrides(data: Any, overrides: list[str]) -> Any:
     """Set each `--set` key in the recipe's mapping, creating sections as needed."""
-    for text in overrides:
-        path, value = parse_override(text)
+    parsed = [parse_override(text) for text in overrides]
+    check_overrides_once(parsed, overrides)
+    for path, value in parsed:
         if not isinstance(data, dict):
             raise ToolkitError(f"--set {'.'.join(path)}: the recipe is not a mapping of sections, so there is no "
                                "key to set; fix the recipe file first")
@@ -356,11 +370,57 @@ def yaml_problem(err: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error naming both lines (PyYAML
+    keeps the last one silently, so `learning_rate` written twice would train at the second value with no word).
+    Keys brought in by a `<<` merge may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    earlier = first_seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader refuses it on its own below
+                    continue
+                if earlier is None:
+                    first_seen[key] = line
+                else:
+                    self.duplicates.append((line, f"key '{key}' is written twice (lines {earlier} and {line})"))
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_unique(text: str) -> Any:
+    """YAML text as data, refusing duplicated keys (every one of them, in one error)."""
+    loader = UniqueKeyLoader(text)
+    loader.duplicates = []
+    try:
+        data = loader.get_single_data()
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise DuplicateKeys([problem for _, problem in sorted(loader.duplicates)])
+    return data
+
+
+class DuplicateKeys(Exception):
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
 def read_yaml(path: Path) -> Any:
+    if path.is_dir():
+        raise ToolkitError(f"recipe {path} is a directory; give the recipe's YAML file")
     if not path.is_file():
         raise ToolkitError(f"recipe not found: {path}")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return load_unique(path.read_text(encoding="utf-8")) or {}
+    except DuplicateKeys as err:
+        raise ToolkitError(f"{path}: {err}; keep one of each") from None
     except yaml.YAMLError as err:
         raise ToolkitError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
     except UnicodeDecodeError:

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toolkit import builtin, distributed, files, modeling
+from toolkit import builtin, distributed, files, modeling, resume
 from toolkit.errors import ToolkitError, first_line
 from toolkit.recipe import RECIPE_FILE, load_recipe, save_recipe
 from toolkit.report import write_json
@@ -138,8 +138,11 @@ def inspect_for_training(run_dir: Path, overwrite: bool, resume: bool, claim: Cl
 
 
 @contextmanager
-def claimed_run_dir(run_dir: Path, overwrite: bool, resume: bool):
+def claimed_run_dir(run_dir: Path, overwrite: bool, resume: bool, check=None):
     """The run directory, checked, locked against a second writer and marked incomplete while training runs.
+
+    `check(claim)`, when given, runs under the lock once the directory has been inspected and before anything in it
+    changes (a resume compares its recipe with the run's record there).
 
     On failure a directory this call created is removed again unless a complete checkpoint is worth keeping; the
     lock is always released. The caller marks the run complete (`finish_run`) once every file is in place.
@@ -161,6 +164,8 @@ def claimed_run_dir(run_dir: Path, overwrite: bool, resume: bool):
         if claim.finished:
             yield claim
             return
+        if check is not None:
+            check(claim)
         for folder, _ in claim.skipped:
             shutil.rmtree(folder)  # an incomplete checkpoint inside our own run; the Trainer would trip over it
         if overwrite and not resume:
@@ -270,9 +275,11 @@ def run_card(prepared, summary: dict, run_dir: Path) -> str:
         f"eval rows: {summary['eval_rows']}.",
         f"Trained {summary['steps']} steps ({summary['epochs']} epochs) in {summary['seconds']} s; "
         f"loss {summary['first_loss']} -> {summary['last_loss']}.",
+        *resume.resume_lines(Path(run_dir)),
         "",
         "Files: `adapter_model.safetensors` + `adapter_config.json` (the adapter only), tokenizer/processor files, "
-        f"`{RECIPE_FILE}` (the resolved recipe), `{METRICS_FILE}`, `{LOSS_PLOT}`.",
+        f"`{RECIPE_FILE}` (the resolved recipe), `{resume.START_FILE}` (what the run was started with, and what each "
+        f"resume changed), `{METRICS_FILE}`, `{LOSS_PLOT}`.",
         "",
         "```",
         f"toolkit eval {run_dir} --compare-base",

@@ -7,13 +7,17 @@ its logits are compared with base + adapter (unmerged, same dtype) on a few of t
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.markup import escape
@@ -78,6 +82,28 @@ def check_output(out: Path, run_dir: Path, overwrite: bool) -> None:
         parent = parent.parent
     if not files.writable(parent):
         raise ToolkitError(f"--output {out}: {parent} is not writable")
+    check_name_length(out, parent)
+
+
+def helper_names(out: Path) -> list[str]:
+    """The sibling folders a merge makes beside `out`: the one it builds in, and the old model's while it is
+    swapped out (see `staging_dir` and `put_in_place`)."""
+    return [f".{out.name}.merging-XXXXXXXX", f".{out.name}.replaced-{os.getpid()}"]
+
+
+def check_name_length(out: Path, existing: Path) -> None:
+    """Refuse, naming the user's path, an --output whose name (or the folder built beside it) is longer than the
+    file system allows, instead of failing later on a hidden folder's name."""
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    longest = max(len(name.encode("utf-8")) for name in [out.name, *helper_names(out)])
+    if longest > limit:
+        room = limit - (longest - len(out.name.encode("utf-8")))
+        raise ToolkitError(f"--output {out}: the name is too long; the merge builds the model beside it in a folder "
+                           f"named after it, and this file system allows {limit} bytes per name, so choose a name of "
+                           f"at most {room} bytes")
 
 
 def default_dtype(recipe, device) -> str:
@@ -229,8 +255,14 @@ def merge(run_dir: Path, recipe, out: Path, dtype: str, max_shard_size: str) -> 
 
 def staging_dir(out: Path) -> Path:
     """A fresh sibling of `out` to build the merged model in; it replaces `out` only once it has passed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            raise ToolkitError(f"--output {out}: the path is too long for this file system; choose a shorter one"
+                               ) from None
+        raise
     staging.chmod(files.usual_mode(directory=True))  # it becomes `out`: readable as a mkdir'd folder would be
     files.write_marker(staging, KIND, complete=False)
     return staging
@@ -281,10 +313,25 @@ def main(argv: list[str]) -> int:
         # SERVING.md and a Modelfile, swapped in with the model
         serving.write_serving_files(staging, out.name, dtype, str(run_dir), recipe.data.vision_tiles)
         files.write_marker(staging, KIND, complete=True)
-        put_in_place(staging, out, args.overwrite)
+        with finishing():
+            put_in_place(staging, out, args.overwrite)
+            return verdict(out, report, traces)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when it was put in place
-    return verdict(out, report, traces)
+
+
+@contextmanager
+def finishing():
+    """Ctrl-C is ignored from the moment the verified model starts moving into place until the command returns:
+    the merge then finishes and exits 0, instead of stopping with the output already complete (or half swapped)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def show_result(out: Path, report: dict) -> None:

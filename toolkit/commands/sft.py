@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from toolkit import activations, data, distributed, files, lora, memory, runs, sampling, trainer, vision
+from toolkit import activations, data, distributed, files, lora, memory, resume, runs, sampling, trainer, vision
 from toolkit.batching import length_grouped_order, shared_modality_batches
 from toolkit.commands.common import add_recipe_arguments, positive_int
 from toolkit.errors import ToolkitError
@@ -136,6 +136,13 @@ def report_resume(claim) -> None:
         console.print(f"resuming from {escape(str(claim.resume_from))}", soft_wrap=True)
 
 
+def report_changes(changes: dict) -> None:
+    if changes:
+        listed = ", ".join(f"{key} {resume.shown(old)} -> {resume.shown(new)}" for key, (old, new) in changes.items())
+        console.print(f"[yellow]note:[/] this resume changes {escape(listed)} (nothing that changes what is "
+                      f"learned); recorded in {resume.START_FILE} and the run card", soft_wrap=True)
+
+
 def train_and_save(prepared, run_dir: Path, resume_from: Path | None, strategy: str) -> None:
     built, result, seconds = train(prepared, run_dir, resume_from, strategy)
     summary = runs.save_run(built, prepared, run_dir, result, seconds)
@@ -174,15 +181,29 @@ def main(argv: list[str]) -> int:
         resume_from = runs.resumable_checkpoint(run_dir)[0] if args.resume else None
         train_and_save(prepared, run_dir, resume_from, args.strategy)
         return 0
+    if args.gpus > 1 and not args.resume:  # refused here rather than in every training process (a resume: below)
+        distributed.per_process_batch(prepared.recipe.train.batch_size, prepared.recipe.train.grad_accum, args.gpus)
     show_plan(prepared)
     if args.gpus > 1:
         check_shared_steps(prepared, args.gpus, args.strategy)
-    with runs.claimed_run_dir(run_dir, args.overwrite, args.resume) as claim:
+    started = resume.start_record(prepared, args.gpus, args.strategy)
+    changes = {}
+
+    def same_run(claim) -> None:  # before the run directory changes, before any model loads
+        if claim.resume_from:
+            changes.update(resume.check(run_dir, started, claim.resume_from))
+
+    with runs.claimed_run_dir(run_dir, args.overwrite, args.resume, check=same_run) as claim:
         if claim.finished:
             console.print(f"{escape(str(run_dir))} is a finished run; --resume only continues an interrupted one, "
                           "so nothing was trained (start a new run to train longer)", soft_wrap=True)
             return 0
         report_resume(claim)
+        if claim.resume_from:
+            resume.record(run_dir, changes, claim.resume_from)
+            report_changes(changes)
+        else:
+            resume.write_start(run_dir, started)
         if args.gpus > 1:
             return launch_workers(args, run_dir)
         train_and_save(prepared, run_dir, claim.resume_from, args.strategy)
