@@ -439,6 +439,13 @@ class TableRows(Sequence):
         for start in range(0, len(self.indices), self.BATCH):
             yield from self[start : start + self.BATCH]
 
+    def __add__(self, other) -> list:
+        """Concatenation as lists give it (`train.examples + eval.examples`)."""
+        return list(self) + list(other)
+
+    def __radd__(self, other) -> list:
+        return list(other) + list(self)
+
 
 def as_row(record: dict) -> data.Row:
     return data.Row(record["source"], record["line"], json.loads(record["fields"]), record["where"])
