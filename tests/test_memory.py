@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from toolkit import memory, modeling
+from toolkit import data, memory, modeling
 from toolkit.commands.bench import full_size_config
 from toolkit.errors import ToolkitError
 from toolkit.recipe import recipe_from_dict
@@ -136,7 +136,7 @@ def test_plan_for_counts_the_most_images_of_any_row_and_the_runs_tiling(monkeypa
                                    "data": {"train": "t.jsonl", "vision_tiles": tiling},
                                    "train": {"batch_size": "auto", "memory_budget_gib": 3}})
         return SimpleNamespace(recipe=recipe, model_config=config, precision="bf16", lengths=[40, 90],
-                               train=SimpleNamespace(examples=rows, image_rows=1), image_spec=spec,
+                               train=data.Encoding(examples=rows), image_spec=spec,
                                image_tiles={"a.png": 1, "b.png": 2})
 
     monkeypatch.setattr(memory, "resolve_batch_size",

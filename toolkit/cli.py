@@ -111,12 +111,16 @@ def hide_known_noise(debug: bool = False) -> None:
                                            and f[2] is category)]
         else:
             warnings.filterwarnings("ignore", message=message, category=category)
-    import datasets
-
+    # datasets reads the variable when it is imported; importing it here only to switch the bars off cost every
+    # command a second, and validate never imports it
+    loaded = sys.modules.get("datasets")
     if debug:
-        datasets.enable_progress_bars()
+        if loaded is not None:
+            loaded.enable_progress_bars()
     else:
-        datasets.disable_progress_bars()
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        if loaded is not None:
+            loaded.disable_progress_bars()
 
 
 def os_error_message(err: OSError) -> str:

@@ -340,7 +340,7 @@ def plan_for(prepared):
 
 def image_load(prepared) -> tuple[int, int]:
     """(the most images a training row has, the tiles each runs as)."""
-    images = max((len(e.images) for e in prepared.train.examples), default=0)
+    images = prepared.train.max_images
     tile_slots = 0
     if images:
         spec = prepared.image_spec

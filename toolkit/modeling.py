@@ -88,11 +88,13 @@ def is_vision_config(config) -> bool:
 
 def load_tokenizer(name: str, revision: str | None = None):
     """The tokenizer, with the chat template taken from the processor when only the processor carries it."""
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     location = model_location(name)
     tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
     if tokenizer.chat_template is None:
+        from transformers import AutoProcessor  # imports the model code (and torch): only when it is needed
+
         try:
             processor = AutoProcessor.from_pretrained(location, revision=revision)
             tokenizer.chat_template = getattr(processor, "chat_template", None)

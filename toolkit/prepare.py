@@ -7,11 +7,13 @@ ids and masks.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rich.markup import escape
 
-from toolkit import data, lora, modeling, sampling, trackers, vision
+from toolkit import builtin, data, datastore, files, lora, modeling, trackers, vision
 from toolkit.errors import ToolkitError
 from toolkit.report import console, show
 from toolkit.translate import Accelerator, resolve_precision
@@ -24,8 +26,9 @@ class Prepared:
     precision: str
     tokenizer: object
     model_config: object
-    train: data.Encoding
+    train: data.Encoding  # or a datastore.StoredEncoding: the same fields, read from the memory-mapped cache
     eval: data.Encoding
+    data_note: str = ""  # whether the encoded data came from the cache
     lora_modules: list[str] = field(default_factory=list)
     image_spec: vision.ImageSpec | None = None
     image_tiles: dict[str, int] = field(default_factory=dict)  # tiles of content per image path
@@ -41,6 +44,8 @@ class Prepared:
     @property
     def lengths(self) -> list[int]:
         """Token counts of the training rows as trained (after any cut), in row order."""
+        if hasattr(self.train, "trained_lengths"):
+            return self.train.trained_lengths.tolist()
         return [len(e.input_ids) for e in self.train.examples]
 
 
@@ -66,21 +71,87 @@ def prepare(recipe, device: Accelerator | None = None) -> Prepared:
     precision = resolve_precision(recipe.train.precision, device)
     check_kernels(recipe.train, device)
     trackers.check_installed(recipe.train.report_to)
-    train_rows, eval_rows = data.load_splits(recipe.data, recipe.train.seed)
+    data.check_files(recipe.data)
     model_config = modeling.load_config(recipe.model.name, recipe.model.revision)
     tokenizer = modeling.load_tokenizer(recipe.model.name, recipe.model.revision)
     limit = recipe.train.max_seq_length
-    train = data.encode_rows(train_rows, recipe.data, tokenizer, limit)
+    store = datastore.prepare_data(recipe.data, tokenizer, limit)
+    train, evals = datastore.split_encodings(store, recipe.data, recipe.train.seed)
     check_rows_left(train, limit, "data.train")
-    evals = data.encode_rows(eval_rows, recipe.data, tokenizer, limit)
-    sampling.check_recipe(recipe, evals.rows)
-    prepared = Prepared(recipe, device, precision, tokenizer, model_config, train, evals)
+    if recipe.train.sample_every is not None:  # toolkit.sampling imports the Trainer, seconds validate need not spend
+        from toolkit import sampling
+
+        sampling.check_recipe(recipe, evals.rows)
+    prepared = Prepared(recipe, device, precision, tokenizer, model_config, train, evals, store.note)
     if train.image_rows or evals.image_rows:
         measure_images(prepared)
+    prepared.lora_modules = lora_targets(recipe, model_config)
+    return prepared
+
+
+TARGETS_VERSION = 1  # raise when what lora_targets computes changes in a way its key does not show
+
+
+def lora_targets(recipe, model_config) -> list[str]:
+    """The module names the recipe's LoRA wraps, checked on a weightless meta model (and quantization.skip_modules
+    against its linear layers), or remembered from an earlier check of the same inputs.
+
+    Building the meta model and running PEFT on it needs torch, the model's code, PEFT and bitsandbytes imported:
+    most of what `validate` spent on a small data set. The answer depends only on the model config, the recipe's
+    `lora` and `quantization` sections, the transformers, PEFT and torch versions and the toolkit's own code that
+    computes it (`toolkit/lora.py`, `toolkit/modeling.py`), so it is kept in `$TOOLKIT_CACHE/lora-targets/` under a
+    digest of all of them. Only a check that passed is kept; an unreadable or foreign file is checked again.
+    """
+    key = targets_key(recipe, model_config)
+    path = builtin.cache_root() / "lora-targets" / f"{key}.json"
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        modules = kept["modules"]
+        if kept["key"] == key and isinstance(modules, list) and modules and all(isinstance(m, str) for m in modules):
+            return modules
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     meta = modeling.meta_model(model_config)
     modeling.check_skip_modules(recipe.quantization, meta)  # before LoRA renames the wrapped layers
-    prepared.lora_modules = lora.resolve_targets(meta, recipe.lora)
-    return prepared
+    modules = lora.resolve_targets(meta, recipe.lora)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files.write_text_atomic(path, json.dumps({"key": key, "modules": modules}))
+    except OSError:
+        pass  # a cache that cannot be written only costs the time
+    return modules
+
+
+def targets_key(recipe, model_config) -> str:
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    digest = hashlib.blake2b(digest_size=16)
+    parts = [str(TARGETS_VERSION), model_config.to_json_string(use_diff=False),
+             json.dumps(recipe.lora.model_dump(mode="json"), sort_keys=True),
+             json.dumps(recipe.quantization.model_dump(mode="json"), sort_keys=True),
+             json.dumps({p: installed(p) for p in ("transformers", "peft", "torch")}, sort_keys=True)]
+    for part in parts:
+        digest.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    for module in (lora, modeling):
+        digest.update(Path(module.__file__).read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def held_out_rows(recipe) -> list:
+    """The rows `data.eval_fraction` held out of this recipe's training data, every one of them (also those the
+    length limit dropped), from the encoded-data cache when training left it there: the same rows
+    `data.load_splits` gives, without reading and checking the whole training data again."""
+    data.check_files(recipe.data)
+    tokenizer = modeling.load_tokenizer(recipe.model.name, recipe.model.revision)
+    store = datastore.prepare_data(recipe.data, tokenizer, recipe.train.max_seq_length)
+    return list(datastore.split_encodings(store, recipe.data, recipe.train.seed)[1].all_rows)
 
 
 def measure_images(prepared: Prepared) -> None:
@@ -95,7 +166,7 @@ def measure_images(prepared: Prepared) -> None:
                            "folder is incomplete")
     check_image_token(prepared.tokenizer, prepared.model_config, recipe.model.name)
     prepared.image_spec = vision.image_spec(processor, prepared.model_config, recipe.data.max_image_tiles)
-    paths = {path for e in prepared.train.examples + prepared.eval.examples for path in e.images}
+    paths = set(datastore.unique_images({"train": prepared.train.table, "eval": prepared.eval.table}))
     prepared.image_tiles = {p: vision.tiles_for(vision.image_size(p), prepared.image_spec) for p in sorted(paths)}
 
 
@@ -115,7 +186,7 @@ def check_image_token(tokenizer, model_config, name: str) -> None:
 
 def image_note(p: Prepared) -> str:
     spec = p.image_spec
-    images = sum(len(e.images) for e in p.train.examples)
+    images = p.train.images_total
     tiles = data.percentiles(list(p.image_tiles.values()))
     return (f"{p.train.image_rows} train rows with {images} images; tiles/image p50 {tiles['p50']} max "
             f"{tiles['p100']} (cap {spec.max_tiles} of {spec.model_max_tiles}); vision tokens/image "
@@ -134,7 +205,9 @@ def vision_tokens_note(p: Prepared) -> str:
 
 
 def length_note(encoding: data.Encoding, limit: int) -> str:
-    over = sum(n > limit for n in encoding.lengths)
+    import numpy as np
+
+    over = int(np.sum(np.asarray(encoding.lengths) > limit))
     parts = [f"{over} over {limit}"]
     if encoding.truncated:
         parts.append(f"{encoding.truncated} cut to {limit}")
@@ -163,14 +236,16 @@ def show_plan(p: Prepared) -> None:
         ["train rows too long", length_note(p.train, limit)],
         ["batch", f"{r.train.batch_size} x {r.train.grad_accum} accumulation"],
         ["output", r.output_dir],
+        ["encoded data", p.data_note],
     ]
-    if p.eval.lengths:
+    if len(p.eval.lengths):
         rows.insert(9, ["eval rows too long", length_note(p.eval, limit)])
     if p.image_spec:
         rows.insert(8, ["images", image_note(p)])
     show("Plan", ["setting", "value"], rows)
     special = p.train.special_text + p.eval.special_text
     if special:
-        console.print(f"[yellow]note:[/] {len(special)} row(s) contain special-token text such as <|eot_id|> "
+        count = p.train.special_rows + p.eval.special_rows
+        console.print(f"[yellow]note:[/] {count} row(s) contain special-token text such as <|eot_id|> "
                       f"(first: {escape(special[0])}); it is trained as plain text, never as the token itself",
                       soft_wrap=True)

@@ -48,6 +48,6 @@ def show_rows(prepared, count: int) -> None:
     limit = prepared.recipe.train.max_seq_length
     legend = Text.assemble(("prompt (no loss)", PROMPT_STYLE), "  ", ("learned (loss)", LEARNED_STYLE))
     console.print(legend)
-    for row, example, before in list(zip(encoding.rows, encoding.examples, encoding.kept_lengths))[:count]:
+    for row, example, before in zip(encoding.rows[:count], encoding.examples[:count], encoding.kept_lengths[:count]):
         title = Text(visible(caption(row, example, before, limit)))
         console.print(Panel(highlighted(example, tokenizer), title=title, title_align="left"))

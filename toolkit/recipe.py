@@ -103,6 +103,8 @@ class DataSection(Section):
     image_workers: int | Literal["auto"] = Field(
         "auto", description="DataLoader worker processes that open images and build image batches beside each "
         "training process; auto: from the CPU count (up to 8 each), 0: in the training process.")
+    num_proc: int | None = Field(None, ge=1, le=256, description="Processes that check and encode rows (default: "
+                                 "the usable CPUs); the ids are the same for any number.")
     vision_tiles: Literal["padded", "filled"] = Field(
         "padded", description="padded: every image runs as the model's tile count (4), as transformers and serving "
         "engines run it; filled: only the tiles the batch's images fill (a 1-tile drawing costs about a quarter), "

@@ -20,7 +20,8 @@ from __future__ import annotations
 import csv
 import json
 import re
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,6 +43,8 @@ class Record:
     number: int
     where: str
     value: Any
+    text: str | None = field(default=None, compare=False, repr=False)  # the JSON text, when the file held it
+
 
 
 def json_type_name(value) -> str:
@@ -61,6 +64,7 @@ def lone_surrogate(value) -> bool:
     return False
 
 
+MAYBE_SURROGATE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 LONE_SURROGATE = "invalid text (a lone surrogate escape such as \\ud800, which is not a character)"
 
 
@@ -74,7 +78,7 @@ def parse_json_text(text: str) -> tuple[Any, str | None]:
         return None, "invalid JSON (nested too deeply)"
     except ValueError as err:  # e.g. an integer with more digits than Python converts
         return None, f"invalid JSON ({first_line(err)})"
-    if lone_surrogate(value):
+    if MAYBE_SURROGATE.search(text) and lone_surrogate(value):  # only a \uD800-\uDFFF escape can make one
         return None, LONE_SURROGATE
     return value, None
 
@@ -82,27 +86,34 @@ def parse_json_text(text: str) -> tuple[Any, str | None]:
 Problems = list[tuple[int, str]]  # (line or row number, message), so they can be listed in file order
 
 
+def jsonl_record(path: Path, number: int, line_bytes: bytes) -> tuple[Record | None, tuple[int, str] | None]:
+    """One JSON Lines line as a record, or its problem; (None, None) for a blank line. A BOM on line 1 is dropped."""
+    if number == 1 and line_bytes.startswith(BOM):
+        line_bytes = line_bytes[len(BOM) :]
+    line_bytes = line_bytes.rstrip(b"\n").rstrip(b"\r")
+    where = f"{path}:{number}"
+    try:
+        line = line_bytes.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return None, (number, f"{where}: not valid UTF-8 (byte {err.start + 1} of the line)")
+    if not line.strip():
+        return None, None
+    value, problem = parse_json_text(line)
+    if problem:
+        return None, (number, f"{where}: {problem}")
+    return Record(str(path), number, where, value, line), None
+
+
 def read_jsonl(path: Path) -> tuple[list[Record], Problems]:
     """JSON Lines: one value per line, read line by line; a BOM, CRLF line ends and blank lines are fine."""
     records, problems = [], []
     with path.open("rb") as handle:
         for number, line_bytes in enumerate(handle, start=1):
-            if number == 1 and line_bytes.startswith(BOM):
-                line_bytes = line_bytes[len(BOM) :]
-            line_bytes = line_bytes.rstrip(b"\n").rstrip(b"\r")
-            where = f"{path}:{number}"
-            try:
-                line = line_bytes.decode("utf-8")
-            except UnicodeDecodeError as err:
-                problems.append((number, f"{where}: not valid UTF-8 (byte {err.start + 1} of the line)"))
-                continue
-            if not line.strip():
-                continue
-            value, problem = parse_json_text(line)
+            record, problem = jsonl_record(path, number, line_bytes)
             if problem:
-                problems.append((number, f"{where}: {problem}"))
-                continue
-            records.append(Record(str(path), number, where, value))
+                problems.append(problem)
+            elif record:
+                records.append(record)
     return records, problems
 
 
@@ -382,3 +393,75 @@ def check_exists(path_text: str, key: str) -> list[str]:
     if not path.is_file() and not path.is_dir():
         return [f"{key}: not a file: {path}"]
     return []
+
+
+@dataclass
+class Chunk:
+    """A slice of a data file for one worker: raw JSON Lines lines `(line number, bytes)` that the worker parses,
+    or records another reader already parsed; `problems` are reading problems found while cutting it, `size` the
+    bytes of the file it covers (for progress)."""
+
+    path: Path
+    lines: list[tuple[int, bytes]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+    problems: Problems = field(default_factory=list)
+    size: int = 0
+
+    def parsed(self) -> tuple[list[Record], Problems]:
+        """The chunk's records and problems, parsing raw lines the way `read_jsonl` does."""
+        records, problems = list(self.records), list(self.problems)
+        for number, line_bytes in self.lines:
+            record, problem = jsonl_record(self.path, number, line_bytes)
+            if problem:
+                problems.append(problem)
+            elif record:
+                records.append(record)
+        return records, problems
+
+
+def chunks(path: Path, rows: int) -> Iterator[Chunk]:
+    """A data file in chunks of about `rows` rows, read as it is consumed.
+
+    JSON Lines is cut into raw lines without parsing them, so parsing runs in the worker that encodes the chunk and
+    at most the chunks in flight are held. The other types are read by their reader (`read_records`) and cut after.
+    """
+    path = Path(path)
+    if not path.is_dir() and path.suffix.lower() == ".jsonl":
+        yield from jsonl_chunks(path, rows)
+        return
+    records, problems = read_records(path)
+    yield Chunk(path, problems=problems, size=0)
+    for start in range(0, len(records), rows):
+        yield Chunk(path, records=records[start : start + rows])
+
+
+def jsonl_chunks(path: Path, rows: int) -> Iterator[Chunk]:
+    try:
+        handle = path.open("rb")
+    except OSError as err:
+        yield Chunk(path, problems=[(0, f"{path}: cannot be read ({err.strerror or first_line(err)})")])
+        return
+    with handle:
+        chunk = Chunk(path)
+        for number, line_bytes in enumerate(handle, start=1):
+            chunk.lines.append((number, line_bytes))
+            chunk.size += len(line_bytes)
+            if len(chunk.lines) >= rows:
+                yield chunk
+                chunk = Chunk(path)
+        yield chunk
+
+
+def content_hash(path: Path) -> str:
+    """A digest of a data file's bytes (a saved-dataset folder: of every file in it, with their relative paths), so
+    whatever depends on a file's content can tell when it changed, whatever its name or modification time."""
+    path = Path(path)
+    digest = hashlib.blake2b(digest_size=20)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        name = str(file.relative_to(path)) if path.is_dir() else ""
+        digest.update(f"{len(name)}:{name}:{file.stat().st_size}:".encode("utf-8", "surrogateescape"))
+        with file.open("rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()

@@ -71,8 +71,10 @@ def eval_rows(recipe, data_file: str | None) -> tuple[list[data.Row], str]:
     if section.eval:
         return read_rows(section.eval, "data.eval", section), ", ".join(data.file_list(section.eval))
     if section.eval_fraction > 0:
-        _, held_out = data.load_splits(section, recipe.train.seed)
-        return held_out, f"{section.train} (held-out eval_fraction={section.eval_fraction:g}, seed {recipe.train.seed})"
+        from toolkit.prepare import held_out_rows
+
+        where = f"{section.train} (held-out eval_fraction={section.eval_fraction:g}, seed {recipe.train.seed})"
+        return held_out_rows(recipe), where
     raise ToolkitError("no eval rows: the run's recipe has no data.eval file and no data.eval_fraction; "
                        "pass --data FILE")
 

@@ -67,11 +67,11 @@ def training_order(prepared) -> list[int]:
     """Indices of the encoded rows in the order they are trained: as given (the Trainer shuffles), or grouped by
     length into this process's micro-batches."""
     settings = prepared.recipe.train
-    indices = list(range(len(prepared.train.examples)))
+    indices = list(range(len(prepared.train.rows)))
     if not settings.group_by_length:
         return indices
     micro_batch, _ = distributed.per_process_batch(settings.batch_size, settings.grad_accum, distributed.world_size())
-    with_images = [bool(e.images) for e in prepared.train.examples]
+    with_images = list(prepared.train.image_flags)
     return length_grouped_order(prepared.lengths, micro_batch, settings.epochs, settings.seed, apart=with_images)
 
 
@@ -79,9 +79,9 @@ def shared_batches(prepared, processes: int) -> list[list[int]] | None:
     """With several processes and train rows both with and without images: the micro-batches, round by round, so
     that each step is an image step on every process or a text step on every process
     (`toolkit.batching.shared_modality_batches`); None where every step is one modality anyway."""
-    if processes == 1 or not mixed(prepared.train.examples):
+    with_images = list(prepared.train.image_flags) if processes > 1 else []
+    if processes == 1 or len(set(with_images)) != 2:
         return None
-    with_images = [bool(e.images) for e in prepared.train.examples]
     settings = prepared.recipe.train
     micro_batch, _ = distributed.per_process_batch(settings.batch_size, settings.grad_accum, processes)
     lengths = prepared.lengths if settings.group_by_length else None
@@ -93,8 +93,8 @@ def shared_batches(prepared, processes: int) -> list[list[int]] | None:
                            "out") from None
 
 
-def mixed(examples) -> bool:
-    return len({bool(e.images) for e in examples}) == 2
+def mixed(encoding) -> bool:
+    return len(set(encoding.image_flags)) == 2
 
 
 def check_shared_steps(prepared, processes: int, strategy: str) -> None:
@@ -102,7 +102,7 @@ def check_shared_steps(prepared, processes: int, strategy: str) -> None:
     no sharded evaluation would mix them (the Trainer deals eval rows itself, so one process could run the vision
     tower's sharded weights alone and wait forever)."""
     shared_batches(prepared, processes)
-    if strategy != "ddp" and prepared.recipe.train.eval_steps and mixed(prepared.eval.examples):
+    if strategy != "ddp" and prepared.recipe.train.eval_steps and mixed(prepared.eval):
         raise ToolkitError(f"--strategy {strategy} evaluates rows with and without images in the same step on "
                            "different processes, which hangs a sharded model; set train.eval_steps=null (then run "
                            "toolkit eval on the finished run), use --strategy ddp, or give data.eval one kind of row")
@@ -112,10 +112,9 @@ def check_shared_steps(prepared, processes: int, strategy: str) -> None:
 
 def train(prepared, run_dir: Path, resume_from: Path | None, strategy: str = "ddp"):
     recipe = prepared.recipe
-    examples = prepared.train.examples
     batches = shared_batches(prepared, distributed.world_size())
-    train_set = data.to_dataset(examples if batches else [examples[i] for i in training_order(prepared)])
-    eval_set = data.to_dataset(prepared.eval.examples) if prepared.eval.examples else None
+    train_set = prepared.train.dataset(None if batches else training_order(prepared))
+    eval_set = prepared.eval.dataset() if len(prepared.eval.rows) else None
     guard = trainer.FiniteGuard(prepared.precision)
     collator, settings = None, {}
     if prepared.train.image_rows or prepared.eval.image_rows:
