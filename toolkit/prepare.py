@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from rich.markup import escape
 
-from toolkit import data, lora, modeling, sampling, trackers, vision
+from toolkit import data, lora, modeling, replay, sampling, trackers, vision
 from toolkit.errors import ToolkitError
 from toolkit.report import console, show
 from toolkit.translate import Accelerator, resolve_precision
@@ -29,6 +29,7 @@ class Prepared:
     lora_modules: list[str] = field(default_factory=list)
     image_spec: vision.ImageSpec | None = None
     image_tiles: dict[str, int] = field(default_factory=dict)  # tiles of content per image path
+    replay: replay.Replay | None = None  # general rows mixed into train (data.replay)
 
     @property
     def train_rows(self) -> list:
@@ -72,9 +73,10 @@ def prepare(recipe, device: Accelerator | None = None) -> Prepared:
     limit = recipe.train.max_seq_length
     train = data.encode_rows(train_rows, recipe.data, tokenizer, limit)
     check_rows_left(train, limit, "data.train")
+    train, mixed = replay.mix(train, recipe.data, tokenizer, limit, recipe.train.seed)
     evals = data.encode_rows(eval_rows, recipe.data, tokenizer, limit)
     sampling.check_recipe(recipe, evals.rows)
-    prepared = Prepared(recipe, device, precision, tokenizer, model_config, train, evals)
+    prepared = Prepared(recipe, device, precision, tokenizer, model_config, train, evals, replay=mixed)
     if train.image_rows or evals.image_rows:
         measure_images(prepared)
     meta = modeling.meta_model(model_config)
@@ -143,6 +145,9 @@ def show_plan(p: Prepared) -> None:
         rows.insert(9, ["eval rows too long", length_note(p.eval, limit)])
     if p.image_spec:
         rows.insert(8, ["images", image_note(p)])
+    if p.replay:
+        rows.insert(6, ["replay", f"{p.replay.rows} general rows ({p.replay.distinct} different) from "
+                                  f"{p.replay.source}: {p.replay.rows / len(p.train.rows):.0%} of train rows"])
     show("Plan", ["setting", "value"], rows)
     special = p.train.special_text + p.eval.special_text
     if special:
