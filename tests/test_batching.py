@@ -6,7 +6,9 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from toolkit.batching import epoch_stream, length_grouped_order
+import pytest
+
+from toolkit.batching import epoch_stream, length_grouped_order, shared_modality_batches
 
 
 def lengths(n=336, seed=0):
@@ -75,3 +77,50 @@ def test_rows_with_images_share_batches_inside_each_window():
     assert sum(images[i] for b in mixed for i in b) == 26
     assert length_grouped_order(rows, batch_size=16, epochs=1, seed=5) == length_grouped_order(
         rows, batch_size=16, epochs=1, seed=5, apart=[False] * 256)
+
+
+def modalities(batches: list[list[int]], images: list[bool], processes: int) -> list[str]:
+    """Per process, one letter per step: "i" when its batch holds an image row, "t" when it holds none."""
+    return ["".join("i" if any(images[i] for i in b) else "t" for b in batches[p::processes])
+            for p in range(processes)]
+
+
+def test_shared_batches_give_every_process_the_same_modality_at_every_step():
+    images = [i % 3 == 0 for i in range(31)]  # 11 image rows, 20 text rows
+    batches = shared_modality_batches(images, micro_batch=2, processes=2, epochs=2, seed=42)
+    first, second = modalities(batches, images, 2)
+    assert first == second == "ttttitiittttitii"
+    # text batches hold no image row; image batches only real rows: no row appears that the data does not have
+    assert Counter(i for b in batches for i in b) == Counter(epoch_stream(31, 2, seed=42))
+    assert [len(b) for b in batches[8:10]] == [2, 1] and all(b for b in batches)  # a last round of 3 image rows
+
+
+def test_shared_batches_hold_the_same_rows_as_one_process_for_any_shape():
+    for n, share, micro_batch, processes, epochs in [(17, 5, 1, 2, 1), (40, 7, 3, 4, 2.5), (9, 2, 4, 2, 3),
+                                                       (64, 7, 2, 8, 1.25), (23, 6, 1, 3, 2)]:
+        images = [i % share == 0 for i in range(n)]
+        lengths = [(7 * i) % 50 + 10 for i in range(n)]
+        for grouped in (None, lengths):
+            batches = shared_modality_batches(images, micro_batch, processes, epochs, seed=3, lengths=grouped)
+            assert Counter(i for b in batches for i in b) == Counter(epoch_stream(n, epochs, seed=3))
+            assert len(batches) % processes == 0 and all(0 < len(b) <= micro_batch + 1 for b in batches)
+            assert len(set(modalities(batches, images, processes))) == 1, (n, share, micro_batch, processes)
+
+
+def test_a_few_text_rows_join_an_image_round_never_the_reverse():
+    images = [True] * 4 + [False]  # one text row cannot fill a text step on 2 processes
+    batches = shared_modality_batches(images, micro_batch=2, processes=2, epochs=1, seed=0)
+    assert batches == [[2, 0, 4], [1, 3]]  # images dealt first, so each process keeps one; the text row rides along
+
+
+def test_shared_batches_refuse_fewer_image_rows_than_processes():
+    with pytest.raises(ValueError, match="1 rows with images cannot give each of 2 processes an image in the same "
+                                         "step"):
+        shared_modality_batches([True] + [False] * 8, micro_batch=2, processes=2, epochs=1, seed=0)
+
+
+def test_shared_batches_come_from_the_seed():
+    images = [i % 4 == 0 for i in range(40)]
+    first = shared_modality_batches(images, 2, 2, 2, seed=7)
+    assert first == shared_modality_batches(images, 2, 2, 2, seed=7)
+    assert first != shared_modality_batches(images, 2, 2, 2, seed=8)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import tiny_recipe
+from conftest import term_rows, tiny_recipe, write_jsonl
+from toolkit.batching import shared_modality_batches
 from toolkit.cli import main
 from toolkit.distributed import per_process_batch, strategy_kwargs
 from toolkit.errors import ToolkitError
@@ -45,3 +47,49 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path, tiny_data, capsys
     history = json.loads((two / "metrics.json").read_text(encoding="utf-8"))
     assert history["summary"]["steps"] == 4
     assert (two / "recipe.yaml").exists() and (two / "loss.png").exists()
+
+
+COLORS = {"빨강": "red", "초록": "green", "파랑": "blue", "노랑": "yellow", "검정": "black"}
+
+
+def mixed_data(folder, image_rows: int = 5):
+    """Drawn colour squares with rows naming the colour, then the 12 text rows of the term data."""
+    (folder / "pics").mkdir()
+    rows = []
+    for name, color in list(COLORS.items())[:image_rows]:
+        Image.new("RGB", (40, 40), color).save(folder / "pics" / f"{color}.png")
+        rows.append({"image": f"pics/{color}.png", "instruction": "이 그림은 무슨 색입니까?",
+                     "output": f"{name}입니다.", "terms": [name]})
+    return write_jsonl(folder / "mixed.jsonl", rows + term_rows())
+
+
+def test_two_processes_take_image_and_text_steps_together(tmp_path):
+    """5 image rows and 12 text rows, a global batch of 2 (one row per process): 8 steps, each an image step on
+    both processes or a text step on both; the last image round holds 3 rows (2 on the first process)."""
+    recipe = tiny_recipe(tmp_path, {"train": str(mixed_data(tmp_path))},
+                         train={"max_steps": None, "epochs": 1, "batch_size": 2, "grad_accum": 1, "save_steps": 100})
+    assert main(["sft", str(recipe), "--output-dir", str(tmp_path / "run"), "--gpus", "2"]) == 0
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))["summary"]
+    images = [True] * 5 + [False] * 12
+    planned = shared_modality_batches(images, micro_batch=1, processes=2, epochs=1, seed=42)
+    expected = ["".join("i" if any(images[i] for i in b) else "t" for b in planned[rank::2]) for rank in (0, 1)]
+    print("micro-batch modalities per process:", summary["micro_batch_modalities"])
+    assert summary["micro_batch_modalities"] == expected == ["ttttttii"] * 2
+    assert summary["steps"] == 8 and summary["processes"] == 2 and summary["train_rows"] == 17
+
+
+def test_too_few_image_rows_for_the_processes_stop_before_the_run(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, {"train": str(mixed_data(tmp_path, image_rows=1))}, train={"batch_size": 2})
+    assert main(["sft", str(recipe), "--output-dir", str(tmp_path / "run"), "--gpus", "2"]) == 2
+    assert "--gpus 2: 1 rows with images cannot give each of 2 processes an image in the same step; every process " \
+           "needs an image in an image step" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+
+
+def test_sharded_evaluation_of_mixed_rows_is_refused_before_the_run(tmp_path, capsys):
+    mixed = str(mixed_data(tmp_path))
+    recipe = tiny_recipe(tmp_path, {"train": mixed, "eval": mixed}, train={"batch_size": 2, "eval_steps": 2})
+    assert main(["sft", str(recipe), "--output-dir", str(tmp_path / "run"), "--gpus", "2", "--strategy", "fsdp"]) == 2
+    assert "--strategy fsdp evaluates rows with and without images in the same step on different processes, which " \
+           "hangs a sharded model; set train.eval_steps=null" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()

@@ -295,3 +295,23 @@ def test_data_files_can_be_listed(image_data, tmp_path):
     section_ = DataSection(train=[str(copy / "images.jsonl"), str(copy / "mixed.jsonl")])
     train, _ = data.load_splits(section_, seed=1)
     assert len(train) == 6 + 18 and train[0].source == str(copy / "images.jsonl")
+
+
+def test_validate_refuses_a_tokenizer_whose_image_token_is_not_the_models(image_data, tmp_path, capsys):
+    """A local checkpoint folder whose config reads images at another id than its tokenizer's <|image|>."""
+    from toolkit import builtin
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(builtin.ensure_builtin("builtin:tiny-mllama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    image_id = config["image_token_index"]
+    config["image_token_index"] = image_id - 1
+    (folder / "config.json").write_text(json.dumps(config))
+    recipe = tiny_recipe(tmp_path, {"train": image_data["mixed"]}, model={"name": str(folder)})
+    assert main(["validate", str(recipe)]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert (f"{folder}: the tokenizer's <|image|> is id {image_id} but the model's config says image_token_index="
+            f"{image_id - 1}; the checkpoint's tokenizer and config do not belong together") in out
+    text_only = tiny_recipe(tmp_path, {"train": str(image_data["folder"] / "text.jsonl")}, model={"name": str(folder)})
+    write_jsonl(image_data["folder"] / "text.jsonl", term_rows())
+    assert main(["validate", str(text_only)]) == 0  # text rows never read the image token

@@ -84,7 +84,38 @@ def test_auto_becomes_a_number_and_a_number_stays():
     assert memory.resolve_batch_size(fixed, config, [30], "bf16") == (fixed, None)
 
 
-def test_auto_refuses_rows_with_images():
-    prepared = SimpleNamespace(recipe=tiny_recipe(batch_size="auto"), train=SimpleNamespace(image_rows=2))
-    with pytest.raises(ToolkitError, match="text rows only"):
-        memory.plan_for(prepared)
+def test_auto_plans_image_batches_by_their_vision_tokens(full_size):
+    """A 4-tile image row costs more than a 1-tile ("filled") one, which costs more than a text row; the batch
+    chosen fits the budget and one more row would not. Before, image rows were refused."""
+    config = full_size_config()
+    meta, text = full_size
+    setup = memory.Setup(liger=True)
+    batches = {}
+    for label, images, slots in [("text", 0, 0), ("1 tile", 1, 1), ("4 tiles", 1, 4)]:
+        extra = memory.image_row_bytes(config, setup, 376, images, slots)
+        plan = memory.plan_batch(meta, text, setup, 376, 62.0, 1000, image_row_bytes=extra)
+        assert plan.peak_gib() <= 62.0 < plan.peak_gib(plan.batch_size + 1)
+        batches[label] = plan.batch_size
+    assert batches["text"] > batches["1 tile"] > batches["4 tiles"] > 0
+    assert memory.vision_tokens(config.vision_config, 4) == 4 * 1601
+
+
+def test_plan_for_counts_the_most_images_of_any_row_and_the_runs_tiling(monkeypatch):
+    config = modeling.load_config("builtin:tiny-mllama")
+    spec = SimpleNamespace(model_max_tiles=4)
+    rows = [SimpleNamespace(images=()), SimpleNamespace(images=("a.png", "b.png"))]
+    seen = {}
+
+    def prepared(tiling):
+        recipe = recipe_from_dict({"model": {"name": "builtin:tiny-mllama"},
+                                   "data": {"train": "t.jsonl", "vision_tiles": tiling},
+                                   "train": {"batch_size": "auto", "memory_budget_gib": 3}})
+        return SimpleNamespace(recipe=recipe, model_config=config, precision="bf16", lengths=[40, 90],
+                               train=SimpleNamespace(examples=rows, image_rows=1), image_spec=spec,
+                               image_tiles={"a.png": 1, "b.png": 2})
+
+    monkeypatch.setattr(memory, "resolve_batch_size",
+                        lambda *args: seen.setdefault(args[0].data.vision_tiles, args[-2:]))
+    memory.plan_for(prepared("padded"))
+    memory.plan_for(prepared("filled"))
+    assert seen == {"padded": (2, 4), "filled": (2, 2)}

@@ -48,3 +48,10 @@ def test_text_models_and_unknown_architectures(tmp_path):
     assert serving.architecture(tmp_path) == "unknown"
     assert serving.write_serving_files(tmp_path, "m", "bf16", "runs/r") == [serving.SERVING_FILE]
     assert not (tmp_path / serving.MODELFILE).exists()
+
+
+def test_a_model_trained_on_filled_tiles_says_how_engines_differ():
+    filled = serving.serving_text("m", "MllamaForConditionalGeneration", "bf16", "runs/r", vision_tiles="filled")
+    assert serving.FILLED_TILES_NOTE in filled
+    assert serving.FILLED_TILES_NOTE not in serving.serving_text("m", "MllamaForConditionalGeneration", "bf16",
+                                                                 "runs/r")

@@ -32,6 +32,17 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def gather_objects(value) -> list:
+    """`value` from every process, in rank order (one process: `[value]`); every process must call it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def per_process_batch(batch_size: int, grad_accum: int, processes: int) -> tuple[int, int]:
     """Split the recipe's global batch (batch_size x grad_accum) over processes: fewer accumulation steps first,
     then smaller micro-batches; refuse a split that would change the global batch."""

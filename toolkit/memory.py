@@ -131,6 +131,45 @@ def activation_bytes_per_token(text_config, setup: Setup) -> int:
     return layers * layer + head + int8
 
 
+# ---- images ----
+
+
+def vision_tokens(vision_config, tile_slots: int) -> int:
+    """Vision tokens of one image run as `tile_slots` tiles: patches plus the class token per tile."""
+    return tile_slots * ((vision_config.image_size // vision_config.patch_size) ** 2 + 1)
+
+
+def image_bytes(model_config, setup: Setup, tile_slots: int) -> int:
+    """What one image adds to a training step, in bytes.
+
+    The frozen vision tower keeps nothing for backward (`toolkit.vision_tower`), so what stays is on the text side:
+    the projected vision states (the input of the cross-attention layers' k/v adapters) and, per cross-attention
+    layer, the keys and values its attention keeps, the keys also before their RMSNorm (with fp32 copies without
+    Liger). On top comes the tower's own forward, freed before the text model runs but live at once for every
+    image of the batch: hidden states, the MLP's intermediate, q/k/v, the five intermediate layers it stacks, and
+    the encoder's (tokens x tokens) mask.
+    """
+    vision, text = model_config.vision_config, model_config.get_text_config()
+    tokens = vision_tokens(vision, tile_slots)
+    b = setup.compute_bytes
+    kv = text.num_key_value_heads * (getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+    cross_layers = len(getattr(text, "cross_attention_layers", None) or [])
+    per_layer = kv * (3 * b + (0 if setup.liger else 8))
+    kept = tokens * (text.hidden_size * b + cross_layers * per_layer)
+    layers_stacked = len(getattr(vision, "intermediate_layers_indices", None) or []) + 1
+    tower = tokens * b * (vision.hidden_size * (5 + layers_stacked) + vision.intermediate_size) + tokens ** 2 * b
+    return kept + tower
+
+
+def cross_attention_token_bytes(text_config, setup: Setup) -> int:
+    """What a text token of an image row adds: it also passes the cross-attention decoder layers, which text rows
+    skip."""
+    cross_layers = len(getattr(text_config, "cross_attention_layers", None) or [])
+    if setup.checkpointing:
+        return cross_layers * setup.compute_bytes * text_config.hidden_size
+    return cross_layers * layer_bytes_per_token(text_config, setup)
+
+
 def padded(length: int, multiple: int) -> int:
     return math.ceil(length / multiple) * multiple
 
@@ -147,10 +186,11 @@ class Plan:
 
 
 def plan_batch(meta_model, text_config, setup: Setup, longest_row: int, budget_gib: float, rows: int,
-               pad_multiple: int = 8) -> Plan:
-    """The largest micro-batch whose longest batch (every row as long as the longest) fits `budget_gib`."""
+               pad_multiple: int = 8, image_row_bytes: int = 0) -> Plan:
+    """The largest micro-batch whose longest batch (every row as long as the longest, and carrying the most
+    images any row has, `image_row_bytes`) fits `budget_gib`."""
     weights = weight_bytes(meta_model, setup)
-    per_row = padded(longest_row, pad_multiple) * activation_bytes_per_token(text_config, setup)
+    per_row = padded(longest_row, pad_multiple) * activation_bytes_per_token(text_config, setup) + image_row_bytes
     room = budget_gib * GIB - weights - RESERVE_BYTES
     batch = min(int(room // per_row), MAX_AUTO_BATCH, max(rows, 1))
     if batch < 1:
@@ -162,17 +202,30 @@ def plan_batch(meta_model, text_config, setup: Setup, longest_row: int, budget_g
     return Plan(batch, weights / GIB, per_row / GIB, budget_gib)
 
 
-def resolve_batch_size(recipe, model_config, lengths: list[int], precision: str):
-    """The recipe with `train.batch_size: auto` replaced by a number (and that plan), or unchanged (and None)."""
+def image_row_bytes(model_config, setup: Setup, longest_row: int, images: int, tile_slots: int) -> int:
+    """What the heaviest image row adds beyond a text row of its length: its images and its tokens' passage
+    through the cross-attention layers."""
+    if not images:
+        return 0
+    text = model_config.get_text_config()
+    return images * image_bytes(model_config, setup, tile_slots) + longest_row * cross_attention_token_bytes(text,
+                                                                                                             setup)
+
+
+def resolve_batch_size(recipe, model_config, lengths: list[int], precision: str, images: int = 0,
+                       tile_slots: int = 0):
+    """The recipe with `train.batch_size: auto` replaced by a number (and that plan), or unchanged (and None).
+    `images` is the most images a row has and `tile_slots` the tiles each runs as (0 for text data)."""
     if recipe.train.batch_size != "auto":
         return recipe, None
     from toolkit import modeling
 
     if not lengths:
         raise ToolkitError("train.batch_size: auto needs training rows to size the batch by")
-    plan = plan_batch(modeling.meta_model(model_config), model_config.get_text_config(),
-                      Setup.from_recipe(recipe, precision), max(lengths), recipe.train.memory_budget_gib,
-                      len(lengths), pad_multiple=8 if precision in ("bf16", "fp16") else 1)
+    setup = Setup.from_recipe(recipe, precision)
+    plan = plan_batch(modeling.meta_model(model_config), model_config.get_text_config(), setup, max(lengths),
+                      recipe.train.memory_budget_gib, len(lengths), pad_multiple=8 if precision in ("bf16", "fp16") else 1,
+                      image_row_bytes=image_row_bytes(model_config, setup, max(lengths), images, tile_slots))
     train = recipe.train.model_copy(update={"batch_size": plan.batch_size})
     return recipe.model_copy(update={"train": train}), plan
 
@@ -202,9 +255,14 @@ def saved_tensor_bytes(run, exclude=()) -> int:
 
 
 def plan_for(prepared):
-    """`resolve_batch_size` for a run `toolkit.prepare` checked. Rows with images are refused: the estimate counts
-    text tokens through the self-attention layers, not vision tokens or cross-attention."""
-    if prepared.recipe.train.batch_size == "auto" and getattr(prepared.train, "image_rows", 0):
-        raise ToolkitError("train.batch_size: auto sizes batches of text rows only, and this data has rows with "
-                           "images; set train.batch_size to a number (docs/benchmarks.md has measured sizes)")
-    return resolve_batch_size(prepared.recipe, prepared.model_config, prepared.lengths, prepared.precision)
+    """`resolve_batch_size` for a run `toolkit.prepare` checked: sized by its longest row and, with images, by the
+    row with the most images, each run as `data.vision_tiles` says."""
+    examples = prepared.train.examples
+    images = max((len(e.images) for e in examples), default=0)
+    tile_slots = 0
+    if images:
+        spec = prepared.image_spec
+        tile_slots = spec.model_max_tiles if prepared.recipe.data.vision_tiles == "padded" else \
+            max(prepared.image_tiles.values(), default=1)
+    return resolve_batch_size(prepared.recipe, prepared.model_config, prepared.lengths, prepared.precision,
+                              images, tile_slots)

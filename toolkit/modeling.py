@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from toolkit import builtin
+from toolkit import builtin, vision_tower
 from toolkit.errors import ToolkitError
 from toolkit.translate import Accelerator, base_dtype, to_bnb_config
 
@@ -137,9 +137,11 @@ def load_model(recipe, precision: str, device: Accelerator, quantize: bool = Tru
     if recipe.model.attn_implementation == "flash_attention_2" and not device.cuda:
         raise ToolkitError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
     try:
-        return model_class(config).from_pretrained(model_location(recipe.model.name), **kwargs)
+        model = model_class(config).from_pretrained(model_location(recipe.model.name), **kwargs)
     except ImportError as err:
         raise ToolkitError(f"cannot load '{recipe.model.name}': {str(err).splitlines()[0]}") from None
+    vision_tower.prepare(model, recipe.data.vision_tiles, recipe.model.attn_implementation)
+    return model
 
 
 def check_skip_modules(quantization, model) -> None:

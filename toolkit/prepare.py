@@ -95,9 +95,24 @@ def measure_images(prepared: Prepared) -> None:
     if processor is None:
         raise ToolkitError(f"{recipe.model.name} has no image processor (processor_config.json); the checkpoint "
                            "folder is incomplete")
+    check_image_token(prepared.tokenizer, prepared.model_config, recipe.model.name)
     prepared.image_spec = vision.image_spec(processor, prepared.model_config, recipe.data.max_image_tiles)
     paths = {path for e in prepared.train.examples + prepared.eval.examples for path in e.images}
     prepared.image_tiles = {p: vision.tiles_for(vision.image_size(p), prepared.image_spec) for p in sorted(paths)}
+
+
+def check_image_token(tokenizer, model_config, name: str) -> None:
+    """The tokenizer's `<|image|>` must be the id the model reads images at (`image_token_index`): otherwise the
+    cross-attention mask is built from one id and the model looks for another, and images are silently ignored or
+    the embedding lookup fails."""
+    expected = getattr(model_config, "image_token_index", None)
+    found = tokenizer.convert_tokens_to_ids(vision.IMAGE_TOKEN) if vision.IMAGE_TOKEN in tokenizer.get_vocab() \
+        else None
+    if found != expected:
+        where = f"id {found}" if found is not None else "no such token"
+        raise ToolkitError(f"{name}: the tokenizer's {vision.IMAGE_TOKEN} is {where} but the model's config says "
+                           f"image_token_index={expected}; the checkpoint's tokenizer and config do not belong "
+                           "together (use the tokenizer files that came with the model)")
 
 
 def image_note(p: Prepared) -> str:
@@ -106,8 +121,18 @@ def image_note(p: Prepared) -> str:
     tiles = data.percentiles(list(p.image_tiles.values()))
     return (f"{p.train.image_rows} train rows with {images} images; tiles/image p50 {tiles['p50']} max "
             f"{tiles['p100']} (cap {spec.max_tiles} of {spec.model_max_tiles}); vision tokens/image "
-            f"{spec.vision_tokens_per_image:,} (the vision tower runs every image as the model's "
-            f"{spec.model_max_tiles} tile{'s' if spec.model_max_tiles > 1 else ''})")
+            f"{vision_tokens_note(p)}")
+
+
+def vision_tokens_note(p: Prepared) -> str:
+    spec = p.image_spec
+    if p.recipe.data.vision_tiles == "filled":
+        largest = max(p.image_tiles.values(), default=1)
+        return (f"{spec.patches_per_tile:,} per tile filled, up to {largest * spec.patches_per_tile:,} "
+                f"(data.vision_tiles: filled runs only the tiles a batch's images fill)")
+    return (f"{spec.vision_tokens_per_image:,} (the vision tower runs every image as the model's "
+            f"{spec.model_max_tiles} tile{'s' if spec.model_max_tiles > 1 else ''}; data.vision_tiles: filled "
+            f"runs only the tiles an image fills)")
 
 
 def length_note(encoding: data.Encoding, limit: int) -> str:

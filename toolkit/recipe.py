@@ -114,6 +114,11 @@ class DataSection(Section):
                                    "folder of the data file naming them).")
     max_image_tiles: int | None = Field(None, ge=1, le=64, description="Cap on tiles per image (default: the "
                                         "model's); fewer tiles means lower resolution.")
+    vision_tiles: Literal["padded", "filled"] = Field(
+        "padded", description="padded: every image runs as the model's tile count (4), as transformers and serving "
+        "engines run it; filled: only the tiles the batch's images fill (a 1-tile drawing costs about a quarter), "
+        "with the padded tiles hidden from the vision attention, which changes the image features slightly "
+        "(README: Images).")
     replay: ReplaySection = Field(ReplaySection(), description="General rows mixed into training (see "
                                   "toolkit.replay).")
 
@@ -206,12 +211,29 @@ class TrainSection(Section):
         return value
 
 
+class RetentionSection(Section):
+    data: str | None = Field(None, description="General rows for toolkit eval --retention (default: the set the "
+                             "toolkit ships); read with data.formatter.")
+    max_kl: float = Field(0.25, ge=0, le=1e6, description="Warn when the mean per-token KL(tuned || base) on the "
+                          "general reference answers is above this (nats).")
+    max_accuracy_drop: float = Field(0.05, ge=0, le=1, description="Warn when general term accuracy falls by more "
+                                     "than this (tuned vs base).")
+
+    @field_validator("data")
+    @classmethod
+    def _a_file(cls, value):
+        if value is not None and not value.strip():
+            raise ValueError("name a data file, or leave it out for the shipped general set")
+        return value
+
+
 class Recipe(Section):
     model: ModelSection
     quantization: QuantizationSection = QuantizationSection()
     lora: LoraSection = LoraSection()
     data: DataSection
     train: TrainSection = TrainSection()
+    retention: RetentionSection = RetentionSection()
     output_dir: str | None = Field(None, description="Run directory; default runs/<recipe file name>.")
 
     @field_validator("output_dir")

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toolkit import builtin, files, modeling
+from toolkit import builtin, distributed, files, modeling
 from toolkit.errors import ToolkitError
 from toolkit.recipe import RECIPE_FILE, load_recipe, save_recipe
 from toolkit.report import write_json
@@ -244,6 +244,10 @@ def run_summary(trainer, prepared, result, seconds: float) -> dict:
     evals = loss_points(history, "eval_loss")
     if evals:
         summary["last_eval_loss"] = evals[-1][1]
+    if distributed.world_size() > 1:  # what each process ran at each micro-batch: "i" image inputs, "t" text only
+        summary["processes"] = distributed.world_size()
+        summary["micro_batch_modalities"] = distributed.gather_objects(
+            "".join(getattr(trainer, "micro_batch_modalities", [])))
     return summary
 
 
@@ -383,7 +387,7 @@ def image_inputs(recipe, tokenizer):
 
     config = modeling.load_config(recipe.model.name, recipe.model.revision)
     return vision.image_inputs_for(recipe.model.name, recipe.model.revision, config, tokenizer,
-                                   recipe.data.max_image_tiles)
+                                   recipe.data.max_image_tiles, recipe.data.vision_tiles)
 
 
 def load_trained(run_dir: str | Path, quantize: bool = True):

@@ -76,7 +76,15 @@ def engine_rows(architecture_name: str, name: str) -> list[tuple[str, str, str]]
     return []
 
 
-def serving_text(name: str, architecture_name: str, dtype: str, run: str) -> str:
+FILLED_TILES_NOTE = (
+    "The adapter was trained with `data.vision_tiles: filled`: the vision tower ran only the tiles each image fills, "
+    "with the padded tiles hidden from its attention. transformers and the engines below run every image as the "
+    "model's 4 tiles, where real patches also read the padded tiles, so an image's features there differ slightly "
+    "from the ones the adapter was trained and checked on (`toolkit eval` and `toolkit generate` use the run's "
+    "tiling). Text prompts are not affected.")
+
+
+def serving_text(name: str, architecture_name: str, dtype: str, run: str, vision_tiles: str = "padded") -> str:
     """SERVING.md: what the folder is, how to load it, and which engines serve it (with their versions)."""
     loader = LOADERS.get(architecture_name, "AutoModelForCausalLM")
     lines = [
@@ -95,6 +103,7 @@ def serving_text(name: str, architecture_name: str, dtype: str, run: str) -> str
         "Ask it in the format it was trained on: its chat template (`chat_template.jinja`), which the engines below "
         "apply to chat requests.",
         "",
+        *([FILLED_TILES_NOTE, ""] if vision_tiles == "filled" else []),
         "## Engines",
         "",
     ]
@@ -127,12 +136,12 @@ def modelfile_text(architecture_name: str, name: str) -> str | None:
     return f"{versions}# In this folder: ollama create {name} -f {MODELFILE}   (see {SERVING_FILE})\nFROM .\n"
 
 
-def write_serving_files(folder: Path, name: str, dtype: str, run: str) -> list[str]:
+def write_serving_files(folder: Path, name: str, dtype: str, run: str, vision_tiles: str = "padded") -> list[str]:
     """Write SERVING.md (and a Modelfile where Ollama can import the model) into `folder`; returns the file names.
 
     `name` is the folder name the model will have once it is in place (`folder` may be a staging folder)."""
     architecture_name = architecture(folder)
-    files.write_text_atomic(folder / SERVING_FILE, serving_text(name, architecture_name, dtype, run))
+    files.write_text_atomic(folder / SERVING_FILE, serving_text(name, architecture_name, dtype, run, vision_tiles))
     written = [SERVING_FILE]
     modelfile = modelfile_text(architecture_name, name)
     if modelfile is not None:

@@ -12,7 +12,7 @@ import math
 
 from transformers import TrainerCallback
 
-from toolkit import distributed, fastlora, lora, modeling
+from toolkit import distributed, fastlora, lora, modeling, vision_tower
 from toolkit.report import progress_bar
 from toolkit.translate import to_sft_config
 
@@ -38,6 +38,7 @@ def build_trainer(recipe, *, precision: str, device, tokenizer, train_dataset, o
         if "not found in the base model" in str(err):
             raise lora.no_match_error(recipe.lora) from None
         raise
+    vision_tower.keep_frozen_tower_out_of_autograd(trainer.model)  # TRL hooked it for checkpointing
     trainer.token_metrics = recipe.train.token_metrics
     trainer.remove_callback(PrinterCallback)  # the rich bar shows progress; raw log dicts would only add noise
     modules = lora.check_scope(lora.targeted_modules(trainer.model), recipe.lora)
@@ -87,6 +88,26 @@ def sft_trainer_class():
 
     class ToolkitSFTTrainer(SFTTrainer):
         token_metrics = True
+        shared_batches = None  # micro-batches of row indices dealt to the processes in turn (see get_train_dataloader)
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.micro_batch_modalities = []  # "i" (image inputs) or "t" (text only), per micro-batch trained here
+
+        def get_train_dataloader(self):
+            """The Trainer's loader, or with `shared_batches` a loader of exactly those batches: accelerate deals
+            batch k to process k % N (a batch sampler without a fixed batch size), and as the list holds whole rounds
+            of N batches no process gets a filler batch."""
+            if self.shared_batches is None:
+                return super().get_train_dataloader()
+            from torch.utils.data import DataLoader
+
+            if self.args.remove_unused_columns:  # image rows keep their columns (toolkit.vision.training_collator)
+                raise RuntimeError("shared batches need the dataset's columns kept (remove_unused_columns=False)")
+            loader = DataLoader(self.train_dataset, batch_sampler=self.shared_batches, collate_fn=self.data_collator,
+                                num_workers=self.args.dataloader_num_workers,
+                                pin_memory=self.args.dataloader_pin_memory)
+            return self.accelerator.prepare(loader)
 
         def lean_loss_applies(self, return_outputs: bool) -> bool:
             return not (self.token_metrics or return_outputs or not self.model.training
@@ -99,9 +120,10 @@ def sft_trainer_class():
                     return lean_loss(self, model, inputs, num_items_in_batch)
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-        def training_step(self, *args, **kwargs):
+        def training_step(self, model, inputs, *args, **kwargs):
+            self.micro_batch_modalities.append("i" if "pixel_values" in inputs else "t")
             with record_function("toolkit: forward + loss + backward"):
-                return super().training_step(*args, **kwargs)
+                return super().training_step(model, inputs, *args, **kwargs)
 
     return ToolkitSFTTrainer
 

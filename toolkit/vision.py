@@ -14,6 +14,7 @@ Images are opened only when their batch is built, so a data set of photos is nev
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,41 +103,71 @@ def image_size(path: str | Path) -> tuple[int, int]:
         return image.size
 
 
-def remap_to_model_tiles(features: dict, spec: ImageSpec) -> dict:
-    """Image features made under a tile cap, shaped as the model expects: tiles padded to the model's count, and
-    aspect-ratio ids renumbered from the capped table to the model's (the ids index different tables)."""
+@functools.cache
+def model_aspect_ids(spec: ImageSpec):
+    """Aspect-ratio ids of the recipe's capped table (index = capped id) renumbered to the model's own table: the
+    ids index different tables, and the model's embeddings are laid out by its own."""
     import torch
 
-    if spec.max_tiles == spec.model_max_tiles:
-        return features
     module, _, _ = mllama_helpers()
     capped = module.get_all_supported_aspect_ratios(spec.max_tiles)
     full = module.get_all_supported_aspect_ratios(spec.model_max_tiles)
-    table = torch.tensor([0] + [full.index(ratio) + 1 for ratio in capped])
-    pixels = features["pixel_values"]
-    pad = spec.model_max_tiles - pixels.shape[2]
-    features["pixel_values"] = torch.nn.functional.pad(pixels, (0, 0, 0, 0, 0, 0, 0, pad))
-    features["aspect_ratio_mask"] = torch.nn.functional.pad(features["aspect_ratio_mask"], (0, pad))
-    features["aspect_ratio_ids"] = table[features["aspect_ratio_ids"]]
-    return features
+    return torch.tensor([0] + [full.index(ratio) + 1 for ratio in capped])
 
 
-def image_features(image_lists: list[list], image_processor, spec: ImageSpec) -> tuple[dict, list[list[int]]]:
-    """Pixel values, aspect-ratio ids and masks for a batch (an empty list for a text row), and tiles per image."""
-    features = image_processor(images=image_lists, max_image_tiles=spec.max_tiles, return_tensors="pt")
-    num_tiles = features.pop("num_tiles")
-    features = remap_to_model_tiles(dict(features), spec)
+def process_image(image, image_processor, spec: ImageSpec) -> tuple:
+    """One image through the model's image processor: (its tiles of content, its aspect-ratio id in the model's
+    table). One image per call, so either Mllama processor gives the same result whatever else is in the batch:
+    the torchvision one groups a batch by image shape and fails on a batch whose first row has no image."""
+    features = image_processor(images=[[image]], max_image_tiles=spec.max_tiles, return_tensors="pt")
+    tiles = int(features["num_tiles"][0][0])
+    aspect_id = int(model_aspect_ids(spec)[int(features["aspect_ratio_ids"][0, 0])])
+    return features["pixel_values"][0, 0, :tiles], aspect_id
+
+
+def tiles_per_batch(num_tiles: list[list[int]], spec: ImageSpec, tiling: str) -> int:
+    """Tile slots per image in a batch: the model's count ("padded", what transformers and serving engines run), or
+    the largest count an image of this batch fills ("filled", see `toolkit.vision_tower`)."""
+    if tiling == "padded":
+        return spec.model_max_tiles
+    return max((n for row in num_tiles for n in row), default=1)
+
+
+def image_features(image_lists: list[list], image_processor, spec: ImageSpec,
+                   tiling: str = "padded") -> tuple[dict, list[list[int]]]:
+    """Pixel values, aspect-ratio ids and masks for a batch (an empty list for a text row), and tiles per image.
+
+    Each image is processed on its own and placed in the batch here, tiles of content first and zero tiles after,
+    with the masks both Mllama processors build (tile 0 of every image slot is marked, as in Meta's reference code).
+    """
+    import torch
+
+    processed = [[process_image(image, image_processor, spec) for image in images] for images in image_lists]
+    num_tiles = [[len(tiles) for tiles, _ in row] for row in processed]
+    slots = max((len(row) for row in processed), default=0)
+    tile_slots = tiles_per_batch(num_tiles, spec, tiling)
+    first = next(tiles for row in processed for tiles, _ in row)
+    pixels = torch.zeros((len(processed), slots, tile_slots, *first.shape[1:]), dtype=first.dtype)
+    aspect_ids = torch.zeros((len(processed), slots), dtype=torch.long)
+    aspect_mask = torch.zeros((len(processed), slots, tile_slots), dtype=torch.long)
+    aspect_mask[:, :, 0] = 1
+    for i, row in enumerate(processed):
+        for j, (tiles, aspect_id) in enumerate(row):
+            pixels[i, j, : len(tiles)] = tiles
+            aspect_ids[i, j] = aspect_id
+            aspect_mask[i, j, : len(tiles)] = 1
+    features = {"pixel_values": pixels, "aspect_ratio_ids": aspect_ids, "aspect_ratio_mask": aspect_mask}
     return features, num_tiles
 
 
-def cross_attention_mask(input_ids, num_tiles: list[list[int]], image_token_id: int, spec: ImageSpec):
+def cross_attention_mask(input_ids, num_tiles: list[list[int]], image_token_id: int, tile_slots: int):
     """Which text positions read which image tiles: from each image token to the next (or to the end), as the
     Mllama processor computes it, over the padded ids so it matches their length exactly."""
     import torch
 
     _, token_mask, to_dense = mllama_helpers()
     sparse = [token_mask(row.tolist(), image_token_id) for row in input_ids]
-    dense = to_dense(sparse, num_tiles=num_tiles, max_num_tiles=spec.model_max_tiles, length=input_ids.shape[1])
+    dense = to_dense(sparse, num_tiles=num_tiles, max_num_tiles=tile_slots, length=input_ids.shape[1])
     return torch.from_numpy(dense)
 
 
@@ -148,21 +179,23 @@ class ImageInputs:
     image_processor: object
     spec: ImageSpec
     image_token_id: int
+    tiling: str = "padded"  # data.vision_tiles
 
     def add(self, batch: dict, image_paths: list[list[str]]) -> dict:
         """Add the image inputs to a padded batch; a batch without any image is left text-only."""
         if not any(image_paths):
             return batch
         images = [[open_image(path) for path in paths] for paths in image_paths]
-        features, num_tiles = image_features(images, self.image_processor, self.spec)
+        features, num_tiles = image_features(images, self.image_processor, self.spec, self.tiling)
         batch.update(features)
         batch["cross_attention_mask"] = cross_attention_mask(batch["input_ids"], num_tiles, self.image_token_id,
-                                                             self.spec)
+                                                             features["pixel_values"].shape[2])
         return batch
 
 
-def image_inputs_for(model_name: str, revision: str | None, model_config, tokenizer, cap: int | None):
-    """ImageInputs for a vision model (None for a text-only model)."""
+def image_inputs_for(model_name: str, revision: str | None, model_config, tokenizer, cap: int | None,
+                     tiling: str = "padded"):
+    """ImageInputs for a vision model (None for a text-only model); `tiling` is `data.vision_tiles`."""
     from toolkit import modeling
 
     if not modeling.is_vision_config(model_config):
@@ -171,7 +204,7 @@ def image_inputs_for(model_name: str, revision: str | None, model_config, tokeni
     if processor is None:
         return None
     return ImageInputs(processor.image_processor, image_spec(processor, model_config, cap),
-                       tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+                       tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tiling)
 
 
 class VisionCollator:
@@ -211,7 +244,7 @@ def training_collator(recipe, model_config, tokenizer, precision: str):
     rows as they are (its preparation would turn `completion_mask` into labels and drop it); the Trainer told to
     keep the `image_paths` column (it drops columns the model's forward does not name)."""
     images = image_inputs_for(recipe.model.name, recipe.model.revision, model_config, tokenizer,
-                              recipe.data.max_image_tiles)
+                              recipe.data.max_image_tiles, recipe.data.vision_tiles)
     multiple = 8 if precision in ("bf16", "fp16") else None
     settings = {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True}}
     return VisionCollator(images, tokenizer.pad_token_id, multiple), settings

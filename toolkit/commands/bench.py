@@ -368,12 +368,16 @@ def with_auto_batch(recipe, config, low: int, high: int, precision: str):
     return memory.resolve_batch_size(recipe, config, sizing, precision)
 
 
-def predicted_peak_gib(recipe, config, precision: str, longest: int) -> float:
+def predicted_peak_gib(recipe, config, precision: str, longest: int, image_tiles: int = 0) -> float:
+    """The memory model's peak for this setup's longest batch; with `image_tiles`, every row carries one image."""
     setup = memory.Setup.from_recipe(recipe, precision)
     text = config.get_text_config()
     weights = memory.weight_bytes(modeling.meta_model(config), setup)
-    rows = recipe.train.batch_size * longest * memory.activation_bytes_per_token(text, setup)
-    return (weights + rows + memory.RESERVE_BYTES) / memory.GIB
+    per_row = longest * memory.activation_bytes_per_token(text, setup)
+    if image_tiles:
+        slots = config.vision_config.max_num_tiles if recipe.data.vision_tiles == "padded" else image_tiles
+        per_row += memory.image_row_bytes(config, setup, longest, 1, slots)
+    return (weights + recipe.train.batch_size * per_row + memory.RESERVE_BYTES) / memory.GIB
 
 
 @dataclass
@@ -404,7 +408,8 @@ def schedule(train, low: int, high: int, steps: int, warmup: int, profile_steps:
     return Schedule(lengths, batches, replay, profiled, multiple)
 
 
-def memory_fields(device, clock: StepClock, recipe, config, precision: str, plan: Schedule) -> dict:
+def memory_fields(device, clock: StepClock, recipe, config, precision: str, plan: Schedule,
+                  image_tiles: int = 0) -> dict:
     import torch
 
     longest = max(plan.padded(batch) for batch in plan.batches)
@@ -412,7 +417,7 @@ def memory_fields(device, clock: StepClock, recipe, config, precision: str, plan
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.cuda else None,
         "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device.cuda else None,
         "weights_gib": clock.weights_gib,
-        "predicted_peak_gib": predicted_peak_gib(recipe, config, precision, longest),
+        "predicted_peak_gib": predicted_peak_gib(recipe, config, precision, longest, image_tiles),
         "longest_padded": longest,
     }
 
@@ -474,7 +479,7 @@ def measure(recipe, bench_opts: dict, low: int, high: int, steps: int, warmup: i
         "batch": train.batch_size, "warmup_steps": warmup,
         "warmup_lengths": [plan.padded(plan.batches[b]) for b in plan.replay],
         "step_s": times[warmup:], "step_real_tokens": [real for real, _ in tokens[warmup:]],
-        **memory_fields(device, clock, recipe, config, precision, plan),
+        **memory_fields(device, clock, recipe, config, precision, plan, bench_opts.get("image_tiles") or 0),
         "fused_layers": getattr(built, "fused_counts", None),
         "final_loss": next((e["loss"] for e in reversed(built.state.log_history) if "loss" in e), None),
         "device": device.name,

@@ -3,7 +3,8 @@
 The prompt is exactly the training prompt (`data.prompt_ids`), decoding is greedy, and the metrics are the local
 `evaluate` scripts in `toolkit/metrics/` (term_accuracy, term_recall, exact_match; matching rule in
 `toolkit.terms`). `--compare-base` runs the same prompts through the same loaded model with the adapter switched
-off, so base and tuned differ only by the adapter.
+off, so base and tuned differ only by the adapter. `--retention` also asks a general set with the adapter on and
+off and reports the drift beside the domain gain (`toolkit.retention`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from toolkit import data, files, formatters, generation, runs, sources, terminal, terms
+from toolkit import data, files, formatters, generation, modeling, retention, runs, sources, terminal, terms
 from toolkit.errors import ToolkitError
 from toolkit.report import console, show, write_json
 from toolkit.commands.common import answer_length, positive_int
@@ -21,6 +22,7 @@ METRICS_DIR = Path(__file__).resolve().parent.parent / "metrics"
 METRIC_NAMES = ("term_accuracy", "term_recall", "exact_match")
 EVAL_JSON = "eval.json"
 PREDICTIONS_FILE = "eval_predictions.jsonl"
+RETENTION_FILE = "retention_predictions.jsonl"
 EXAMPLES_SHOWN = 3
 EXAMPLE_LINES = 4  # lines a table cell may fill; the whole text stays in eval_predictions.jsonl
 
@@ -38,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="answer length cap (default 256)")
     parser.add_argument("--no-quantize", action="store_true",
                         help="load the base unquantized even if training quantized it")
+    parser.add_argument("--retention", action="store_true",
+                        help="also measure general drift, base vs tuned, on a general set (implies --compare-base)")
+    parser.add_argument("--retention-data", metavar="FILE",
+                        help="general rows to use instead of the shipped set (implies --retention)")
     return parser
 
 
@@ -124,6 +130,36 @@ def show_summary(tuned: dict, base: dict | None, source: str) -> None:
     change = delta(tuned, base)
     rows = [[name, cell(base[name]), cell(tuned[name]), cell(change[name], signed=True)] for name in METRIC_NAMES]
     show(title, ["metric", "base", "tuned", "Δ"], rows)
+
+
+def show_drift(domain: dict, base: dict, kept: retention.Retention, notes: list[str]) -> None:
+    """Domain gain and general drift in one table, then one warning line per recipe threshold crossed."""
+    general_change = kept.delta["term_accuracy"]
+    rows = [
+        [f"domain term_accuracy ({domain['n_examples']} rows)", cell(base["term_accuracy"]),
+         cell(domain["term_accuracy"]), cell(delta(domain, base)["term_accuracy"], signed=True)],
+        [f"general term_accuracy ({kept.n_examples} rows)", cell(kept.base["term_accuracy"]),
+         cell(kept.tuned["term_accuracy"]), cell(general_change, signed=True)],
+        [f"general KL(tuned||base)/token ({kept.answer_tokens})", "", "",
+         f"{kept.kl_per_token:.4f}"],
+        ["general answers changed", "", "", f"{kept.changed_share:.3f}"],
+    ]
+    show(f"Domain gain and general drift ({kept.source})", ["measure", "base", "tuned", "change"], rows)
+    if kept.skipped_images:
+        console.print(f"note: {kept.skipped_images} general rows with images left out: the model reads no images")
+    for line in notes:
+        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True, markup=True, highlight=False)
+
+
+def general_set(recipe, args) -> retention.GeneralSet | None:
+    """The general rows for --retention, checked before any model loads (None without --retention)."""
+    if not (args.retention or args.retention_data):
+        return None
+    path, key = args.retention_data, "--retention-data"
+    if path is None and recipe.retention.data is not None:
+        path, key = recipe.retention.data, "retention.data"
+    reads_images = modeling.is_vision_config(modeling.load_config(recipe.model.name, recipe.model.revision))
+    return retention.load_general_set(recipe.data, path, key, reads_images=reads_images)
 
 
 def column_width(columns: int) -> int:
@@ -223,16 +259,18 @@ def main(argv: list[str]) -> int:
     references = [data.reference(row, recipe.data) for row in rows]
     key_terms = key_terms_for(recipe, rows, references)
     json_path = Path(args.json) if args.json else run_dir / EVAL_JSON
+    general = general_set(recipe, args)
     check_outputs(run_dir, json_path)
     metrics = load_metrics()
 
     model, tokenizer, recipe = runs.load_trained(run_dir, quantize=not args.no_quantize)
     prompts = [data.prompt(row, recipe.data, tokenizer) for row in rows]
-    images = runs.image_inputs(recipe, tokenizer) if any(p.images for p in prompts) else None
+    with_images = any(p.images for p in prompts) or (general is not None and general.image_rows > 0)
+    images = runs.image_inputs(recipe, tokenizer) if with_images else None
     settings = (tokenizer, prompts, args.batch_size, args.max_new_tokens)
     tuned_answers = generation.generate_answers(model, *settings, label="tuned", images=images)
     base_answers = None
-    if args.compare_base:
+    if args.compare_base or general is not None:
         with model.disable_adapter():
             base_answers = generation.generate_answers(model, *settings, label="base", images=images)
 
@@ -244,12 +282,24 @@ def main(argv: list[str]) -> int:
                       "(or no glossary term occurs in the references)")
     records = prediction_records(rows, recipe.data, key_terms, tuned_answers, base_answers)
     show_examples(records, base is not None)
+    kept = notes = None
+    if general is not None:
+        kept = retention.measure(model, tokenizer, general, images=images, batch_size=args.batch_size,
+                                 max_new_tokens=min(args.max_new_tokens, retention.ANSWER_TOKENS), metrics=metrics)
+        notes = retention.warnings(kept, recipe.retention)
+        show_drift(summary, base, kept, notes)
 
     if base is not None:
         summary["base"] = base
         summary["delta"] = delta(summary, base)
     summary.update({"data": source, "run_dir": str(run_dir)})
+    written = [json_path, run_dir / PREDICTIONS_FILE]
+    if kept is not None:
+        summary["retention"] = {**kept.summary(), "max_kl": recipe.retention.max_kl,
+                                "max_accuracy_drop": recipe.retention.max_accuracy_drop, "warnings": notes}
+        write_predictions(run_dir / RETENTION_FILE, kept.records)
+        written.append(run_dir / RETENTION_FILE)
     write_json(json_path, summary)
     write_predictions(run_dir / PREDICTIONS_FILE, records)
-    console.print(f"Wrote {json_path} and {run_dir / PREDICTIONS_FILE}", markup=False, soft_wrap=True)
+    console.print(f"Wrote {', '.join(map(str, written))}", markup=False, soft_wrap=True)
     return 0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from toolkit import data, files, formatters, generation, lora, modeling, runs, serving
+from toolkit import data, files, formatters, generation, lora, modeling, runs, serving, vision_tower
 from toolkit.commands.common import positive_number
 from toolkit.errors import ToolkitError
 from toolkit.report import console, show, write_json
@@ -216,6 +216,7 @@ def merge(run_dir: Path, recipe, out: Path, dtype: str, max_shard_size: str) -> 
     del merged, model
     gc.collect()
     reloaded = load_saved(out, dtype, device)
+    vision_tower.prepare(reloaded, recipe.data.vision_tiles, recipe.model.attn_implementation)  # the run's tiling
     return {
         "max_abs_delta": max_delta(logits(reloaded, batches), reference),
         "adapter_effect": adapter_effect,
@@ -277,7 +278,8 @@ def main(argv: list[str]) -> int:
         if not report["passed"]:
             return verdict(out, report, traces)
         write_json(staging / REPORT_FILE, report)
-        serving.write_serving_files(staging, out.name, dtype, str(run_dir))  # SERVING.md, Modelfile: swapped in with it
+        # SERVING.md and a Modelfile, swapped in with the model
+        serving.write_serving_files(staging, out.name, dtype, str(run_dir), recipe.data.vision_tiles)
         files.write_marker(staging, KIND, complete=True)
         put_in_place(staging, out, args.overwrite)
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from toolkit import data, distributed, files, lora, memory, runs, sampling, trainer, vision
-from toolkit.batching import length_grouped_order
+from toolkit.batching import length_grouped_order, shared_modality_batches
 from toolkit.commands.common import add_recipe_arguments, positive_int
 from toolkit.errors import ToolkitError
 from toolkit.prepare import prepare, show_plan
@@ -43,21 +43,60 @@ def training_order(prepared) -> list[int]:
     return length_grouped_order(prepared.lengths, micro_batch, settings.epochs, settings.seed, apart=with_images)
 
 
+def shared_batches(prepared, processes: int) -> list[list[int]] | None:
+    """With several processes and train rows both with and without images: the micro-batches, round by round, so
+    that each step is an image step on every process or a text step on every process
+    (`toolkit.batching.shared_modality_batches`); None where every step is one modality anyway."""
+    if processes == 1 or not mixed(prepared.train.examples):
+        return None
+    with_images = [bool(e.images) for e in prepared.train.examples]
+    settings = prepared.recipe.train
+    micro_batch, _ = distributed.per_process_batch(settings.batch_size, settings.grad_accum, processes)
+    lengths = prepared.lengths if settings.group_by_length else None
+    try:
+        return shared_modality_batches(with_images, micro_batch, processes, settings.epochs, settings.seed, lengths)
+    except ValueError as err:
+        raise ToolkitError(f"--gpus {processes}: {err}; every process needs an image in an image step and the "
+                           "toolkit adds no fake ones: add image rows, train on fewer GPUs, or leave the image rows "
+                           "out") from None
+
+
+def mixed(examples) -> bool:
+    return len({bool(e.images) for e in examples}) == 2
+
+
+def check_shared_steps(prepared, processes: int, strategy: str) -> None:
+    """Before any process starts: the train rows can be dealt so every step is one modality on every process, and
+    no sharded evaluation would mix them (the Trainer deals eval rows itself, so one process could run the vision
+    tower's sharded weights alone and wait forever)."""
+    shared_batches(prepared, processes)
+    if strategy != "ddp" and prepared.recipe.train.eval_steps and mixed(prepared.eval.examples):
+        raise ToolkitError(f"--strategy {strategy} evaluates rows with and without images in the same step on "
+                           "different processes, which hangs a sharded model; set train.eval_steps=null (then run "
+                           "toolkit eval on the finished run), use --strategy ddp, or give data.eval one kind of row")
+    if strategy == "fsdp" and not prepared.device.cuda:
+        console.print("note: without GPUs accelerate runs --strategy fsdp as plain data-parallel (DDP) processes")
+
+
 def train(prepared, run_dir: Path, resume_from: Path | None, strategy: str = "ddp"):
     recipe = prepared.recipe
     examples = prepared.train.examples
-    train_set = data.to_dataset([examples[i] for i in training_order(prepared)])
+    batches = shared_batches(prepared, distributed.world_size())
+    train_set = data.to_dataset(examples if batches else [examples[i] for i in training_order(prepared)])
     eval_set = data.to_dataset(prepared.eval.examples) if prepared.eval.examples else None
     guard = trainer.FiniteGuard(prepared.precision)
     collator, settings = None, {}
     if prepared.train.image_rows or prepared.eval.image_rows:
         collator, settings = vision.training_collator(recipe, prepared.model_config, prepared.tokenizer,
                                                       prepared.precision)
+    if batches:
+        settings["num_train_epochs"] = 1  # the batches hold every pass
     built, prepared.lora_modules = trainer.build_trainer(
         recipe, precision=prepared.precision, device=prepared.device, tokenizer=prepared.tokenizer,
         train_dataset=train_set, eval_dataset=eval_set, output_dir=str(run_dir), strategy=strategy,
         callbacks=[trainer.RichProgressCallback(), guard], data_collator=collator, **settings,
     )
+    built.shared_batches = batches
     sampling.attach(built, prepared, strategy)  # train.sample_every: answers during training
     show_placement(built.model, prepared.train)
     started = time.time()
@@ -101,7 +140,8 @@ def report_resume(claim) -> None:
 def train_and_save(prepared, run_dir: Path, resume_from: Path | None, strategy: str) -> None:
     built, result, seconds = train(prepared, run_dir, resume_from, strategy)
     summary = runs.save_run(built, prepared, run_dir, result, seconds)
-    show("Training done", ["metric", "value"], [[k, v] for k, v in summary.items() if not isinstance(v, dict)])
+    show("Training done", ["metric", "value"],
+         [[k, v] for k, v in summary.items() if not isinstance(v, (dict, list))])
     console.print(f"Adapter and run files in [bold]{escape(str(run_dir))}[/]. "
                   f"Next: toolkit eval {escape(str(run_dir))} --compare-base", soft_wrap=True)
 
@@ -134,6 +174,8 @@ def main(argv: list[str]) -> int:
         train_and_save(prepared, run_dir, resume_from, args.strategy)
         return 0
     show_plan(prepared)
+    if args.gpus > 1:
+        check_shared_steps(prepared, args.gpus, args.strategy)
     with runs.claimed_run_dir(run_dir, args.overwrite, args.resume) as claim:
         if claim.finished:
             console.print(f"{escape(str(run_dir))} is a finished run; --resume only continues an interrupted one, "
