@@ -41,20 +41,26 @@ def real_recipe(folder: Path, model: Path, **sections) -> Path:
     return path
 
 
-def evaluated(run: Path, name: str, *flags: str) -> dict:
-    out = run.parent / f"{name}.json"
-    assert main(["eval", str(run), *EVAL_FLAGS, "--json", str(out), *flags]) == 0
+def trained(folder: Path, model: Path, name: str, **sections) -> Path:
+    run = folder / name
+    assert main(["sft", str(real_recipe(folder, model, **sections)), "--output-dir", str(run)]) == 0
+    return run
+
+
+def evaluated(run: Path) -> dict:
+    """`toolkit eval` base vs tuned on the held-out domain questions, with `--retention` on the general questions
+    the converted base answers right."""
+    out = run.parent / f"{run.name}-eval.json"
+    assert main(["eval", str(run), *EVAL_FLAGS, "--retention", "--retention-data", str(GENERAL),
+                 "--json", str(out)]) == 0
     return json.loads(out.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
 def domain_run(tmp_path_factory, real_model) -> dict:
-    """One LoRA run on the invented domain, scored base vs tuned on its held-out questions and on general ones."""
-    folder = tmp_path_factory.mktemp("real-run")
-    run = folder / "run"
-    assert main(["sft", str(real_recipe(folder, real_model)), "--output-dir", str(run)]) == 0
-    return {"run": run, "domain": evaluated(run, "domain"), "general": evaluated(run, "general", "--data",
-                                                                                   str(GENERAL))}
+    """One LoRA run on the invented domain (no replay), and its eval."""
+    run = trained(tmp_path_factory.mktemp("real-run"), real_model, "plain")
+    return {"run": run, "eval": evaluated(run)}
 
 
 def test_converted_tokenizer_puts_llama3_names_on_the_models_own_ids(real_model):
@@ -97,12 +103,12 @@ def test_converted_model_reads_end_header_as_newline_and_predicts_as_before(real
 def test_validate_accepts_the_converted_model(tmp_path, real_model, capsys):
     assert main(["validate", str(real_recipe(tmp_path, real_model))]) == 0
     out = capsys.readouterr().out
-    assert "is valid; LoRA wraps 210 modules (120 mlp, 90 self-attention)" in " ".join(out.split())
+    assert "is valid; LoRA wraps 210 modules (90 mlp, 120 self-attention)" in " ".join(out.split())
 
 
 def test_converted_base_answers_general_questions(domain_run, capsys):
-    base = domain_run["general"]["base"]
-    assert base["n_examples"] == 19 and base["term_accuracy"] == 1.0
+    general = domain_run["eval"]["retention"]
+    assert general["n_examples"] == 19 and general["base"]["term_accuracy"] == 1.0
     capsys.readouterr()
     assert main(["generate", str(domain_run["run"]), "What is the capital of France?", "--base",
                  "--max-new-tokens", "16"]) == 0
@@ -110,10 +116,21 @@ def test_converted_base_answers_general_questions(domain_run, capsys):
 
 
 def test_lora_teaches_the_real_model_the_invented_domain(domain_run):
-    domain = domain_run["domain"]
+    domain = domain_run["eval"]
     assert domain["n_examples"] == 30
     assert domain["base"]["term_accuracy"] == 0.0
     assert domain["term_accuracy"] >= LEARNED_AT_LEAST
+
+
+def test_replay_shrinks_the_general_drift_and_keeps_the_domain(tmp_path, real_model, domain_run):
+    """Tuning without replay costs general answers; a quarter of general rows in training keeps most of them
+    (lower KL to the base on the general references, more right answers) while the domain is still learned."""
+    plain = domain_run["eval"]
+    replayed = evaluated(trained(tmp_path, real_model, "replay", data={"replay": {"share": REPLAY_SHARE}}))
+    assert plain["retention"]["tuned"]["term_accuracy"] <= DRIFTED_AT_MOST
+    assert replayed["retention"]["tuned"]["term_accuracy"] >= KEPT_AT_LEAST
+    assert replayed["retention"]["kl_per_token"] < KL_SHRINK * plain["retention"]["kl_per_token"]
+    assert replayed["term_accuracy"] >= LEARNED_WITH_REPLAY_AT_LEAST
 
 
 def first_losses(folder: Path, model: Path, fused: bool, dropout: float) -> list[float]:

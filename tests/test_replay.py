@@ -135,3 +135,14 @@ def load_recipe_section():
     from toolkit.recipe import DataSection
 
     return DataSection(train="unused.jsonl")
+
+
+def test_no_replay_question_is_a_question_of_the_retention_set():
+    """Replay must not train on what `eval --retention` asks, or the drift it shrinks would be measured on
+    questions it was taught."""
+    from toolkit import retention, terms
+
+    lines = retention.shipped_set().read_text(encoding="utf-8").splitlines()
+    asked = {terms.normalize(json.loads(line)["instruction"]) for line in lines if line.strip()}
+    assert len(asked) > 200
+    assert [r["instruction"] for r in shipped_rows() if terms.normalize(r["instruction"]) in asked] == []
