@@ -273,20 +273,23 @@ def random_weights_checkpoint() -> Path:
     if not torch.cuda.is_available():
         raise ToolkitError("--random-weights builds the 11B architecture on the GPU; no CUDA GPU is visible")
     console.print("building the full-size architecture with random weights (about 21 GB on disk)...")
+    # Any tokenizer with Llama 3's special tokens serves for synthetic rows: the built-in one, whose <|image|> the
+    # config is told about (so `toolkit sft` accepts the pair); the image processor is Llama 3.2 Vision's
+    # (560-pixel tiles, up to the config's tile count).
+    tokenizer = AutoTokenizer.from_pretrained(builtin.ensure_builtin("builtin:tiny-mllama"))
+    config = full_size_config()
+    config.image_token_index = tokenizer.convert_tokens_to_ids(vision.IMAGE_TOKEN)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            model = MllamaForConditionalGeneration(full_size_config())
+            model = MllamaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
     model.save_pretrained(target)
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    # Any tokenizer with Llama 3's special tokens serves for synthetic rows: the built-in one; the image processor
-    # is Llama 3.2 Vision's (560-pixel tiles, up to the config's tile count).
-    tokenizer = AutoTokenizer.from_pretrained(builtin.ensure_builtin("builtin:tiny-mllama"))
     tokenizer.save_pretrained(target)
     full_size_processor(tokenizer).save_pretrained(target)
     return target
