@@ -22,7 +22,9 @@ DOMAIN_EVAL = ROOT / "data" / "skyloom_terms_eval.jsonl"
 GENERAL = Path(__file__).resolve().parent / "real_general.jsonl"  # questions the converted base answers right
 EVAL_FLAGS = ["--compare-base", "--batch-size", "32", "--max-new-tokens", "32"]
 
-# The learning setting: LoRA r=16 on every linear layer, 4 epochs of the 90 rows (48 steps of 8 rows).
+# The learning setting: LoRA r=16 on every linear layer, 4 epochs of the 90 rows (48 steps of 8 rows). Measured with
+# seed 1 (docs/real-model.md): held-out domain term accuracy 0.000 -> 0.867, general 1.000 -> 0.789.
+LEARNED_AT_LEAST = 0.6  # a clear majority, with room below the measured 0.867 (seed 2: see docs/real-model.md)
 LEARN = {
     "lora": {"r": 16, "alpha": 32, "dropout": 0.0,
              "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
@@ -150,6 +152,9 @@ def test_fused_and_plain_lora_learn_the_same_on_real_weights(tmp_path, real_mode
     plain = first_losses(tmp_path, real_model, fused=False, dropout=dropout)
     fused = first_losses(tmp_path, real_model, fused=True, dropout=dropout)
     assert len(plain) == len(fused) == 20
+    # The first step is the base model's loss on the first two rows (the adapters start at zero): a real model's
+    # mean negative log-likelihood of the answers, measured 4.9921; a loss scaled or masked wrong moves it.
+    assert plain[0] == pytest.approx(4.9921, abs=0.01) and fused[0] == pytest.approx(4.9921, abs=0.01)
     assert plain[-1] < 0.7 * plain[0]  # it learns, so a path that learned differently would drift apart
     gaps = [abs(f - p) / p for f, p in zip(fused, plain)]
     assert max(gaps) < 0.01, [f"{g:.2%}" for g in gaps]
