@@ -23,8 +23,9 @@ GENERAL = Path(__file__).resolve().parent / "real_general.jsonl"  # questions th
 EVAL_FLAGS = ["--compare-base", "--batch-size", "32", "--max-new-tokens", "32"]
 
 # The learning setting: LoRA r=16 on every linear layer, 4 epochs of the 90 rows (48 steps of 8 rows). Measured with
-# seed 1 (docs/real-model.md): held-out domain term accuracy 0.000 -> 0.867, general 1.000 -> 0.789.
-LEARNED_AT_LEAST = 0.6  # a clear majority, with room below the measured 0.867 (seed 2: see docs/real-model.md)
+# seeds 1 and 2 (docs/real-model.md): held-out domain term accuracy 0.000 -> 0.867 and 0.900; general questions
+# 1.000 -> 0.789 and 0.632. The test runs seed 1.
+LEARNED_AT_LEAST = 0.6  # a clear majority, with room below both seeds
 LEARN = {
     "lora": {"r": 16, "alpha": 32, "dropout": 0.0,
              "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
