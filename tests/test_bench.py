@@ -66,6 +66,14 @@ def test_peak_flops_by_gpu_name():
     assert peak_flops("NVIDIA H200") == 989.4e12
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("cpu") is None
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12  # SXM
+    assert peak_flops("NVIDIA H100 PCIe") == 756.5e12
+    assert peak_flops("NVIDIA H100 NVL") == 835.5e12
+    assert peak_flops("NVIDIA H200 NVL") == 835.5e12
+    assert peak_flops("NVIDIA A100 80GB PCIe") == 312e12
+    assert peak_flops("NVIDIA A10") == 125e12
+    assert peak_flops("NVIDIA A10G") is None  # not an A10
+    assert peak_flops("NVIDIA L40S") == 362.05e12
 
 
 def test_setups():

@@ -226,3 +226,36 @@ def test_answer_length_is_bounded(command, capsys):
     extra = ["question"] if command == "generate" else []
     assert main([command, "runs/x", *extra, "--max-new-tokens", "100000"]) == 2
     assert "at most 8192 new tokens per answer, got 100000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("err, line", [
+    (ValueError("first\nsecond"), "first"),
+    (ValueError("\n  \n  second line  \nthird"), "second line"),
+    (KeyError(), "KeyError"),
+    (RuntimeError("\n"), "RuntimeError"),
+    (OSError("x" * 500), "x" * 200),
+])
+def test_the_first_line_of_any_exception(err, line):
+    from toolkit.errors import first_line
+
+    assert first_line(err) == line
+
+
+def test_a_library_error_without_a_message_stays_one_line(monkeypatch):
+    """PEFT or a chat template raising with an empty message still gives the toolkit's own one-line error."""
+    import peft
+    from transformers import AutoTokenizer
+
+    from toolkit import builtin, encode, lora
+    from toolkit.recipe import LoraSection
+
+    def refuse(*args, **kwargs):
+        raise ValueError("")
+
+    monkeypatch.setattr(peft, "get_peft_model", refuse)
+    with pytest.raises(ToolkitError, match=r"^lora: PEFT refused the targets: ValueError$"):
+        lora.resolve_targets(None, LoraSection())
+    tokenizer = AutoTokenizer.from_pretrained(str(builtin.ensure_builtin("builtin:tiny-mllama")))
+    monkeypatch.setattr(tokenizer, "apply_chat_template", lambda *args, **kwargs: (_ for _ in ()).throw(ValueError()))
+    with pytest.raises(ToolkitError, match=r"^the chat template refused this conversation: ValueError$"):
+        encode.render_skeleton([{"role": "user", "content": "x"}], tokenizer, "26 Jul 2024", False)

@@ -15,6 +15,18 @@ from toolkit.distributed import per_process_batch, strategy_kwargs
 from toolkit.errors import ToolkitError
 
 
+def test_every_split_keeps_the_global_batch_or_is_refused():
+    for batch_size in range(1, 13):
+        for grad_accum in range(1, 9):
+            for processes in range(1, 9):
+                try:
+                    micro, accum = per_process_batch(batch_size, grad_accum, processes)
+                except ToolkitError:
+                    assert batch_size % processes and grad_accum % processes
+                    continue
+                assert micro * accum * processes == batch_size * grad_accum, (batch_size, grad_accum, processes)
+
+
 def test_global_batch_is_split_over_processes():
     assert per_process_batch(2, 4, 1) == (2, 4)
     assert per_process_batch(2, 4, 2) == (2, 2)  # fewer accumulation steps first
@@ -46,6 +58,11 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path, tiny_data, capsys
         assert (first[name] - second[name]).abs().max() < 1e-5, name
     history = json.loads((two / "metrics.json").read_text(encoding="utf-8"))
     assert history["summary"]["steps"] == 4
+    single = json.loads((one / "metrics.json").read_text(encoding="utf-8"))
+    logged = [[(e["step"], e["loss"], e["grad_norm"]) for e in h["log_history"] if "loss" in e] for h in (single, history)]
+    assert [step for step, _, _ in logged[1]] == [1, 2, 4]  # the loss is per token over both processes' rows
+    for (_, loss, norm), (_, loss2, norm2) in zip(*logged, strict=True):
+        assert loss2 == pytest.approx(loss, rel=1e-5) and norm2 == pytest.approx(norm, rel=1e-4)
     assert (two / "recipe.yaml").exists() and (two / "loss.png").exists()
 
 

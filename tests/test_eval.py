@@ -57,7 +57,7 @@ def scores_of(records: list[dict], answer: str) -> dict:
 
 def test_compare_base_scores_the_base_with_the_adapter_off(learned_run, tiny_data):
     assert main(["eval", str(learned_run), "--data", tiny_data["train"], "--compare-base", "--max-new-tokens",
-                 "24"]) == 0
+                 "24", "--batch-size", "5"]) == 0  # 12 rows: batches of 5, 5 and 2
     summary = json.loads((learned_run / "eval.json").read_text(encoding="utf-8"))
     records = read_predictions(learned_run)
     assert len(records) == count_lines(tiny_data["train"]) == 12
@@ -108,12 +108,16 @@ def test_glossary_supplies_key_terms(tiny_run, tmp_path):
     assert [p["terms"] for p in read_predictions(run_copy)] == [["거푸집", "콘 크리트"], ["콘 크리트"]]
 
 
-def test_missing_run_dir_exits_2(tmp_path):
+def test_missing_run_dir_exits_2(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().out.replace("\n", "") == f"error: run directory not found: {tmp_path / 'nope'}"
 
 
-def test_missing_data_file_exits_2(tiny_run, tmp_path):
+def test_missing_data_file_exits_2(tiny_run, tmp_path, capsys):
     assert main(["eval", str(tiny_run), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert capsys.readouterr().out.replace("\n", "") == (f"error: --data: file not found: {tmp_path / 'missing.jsonl'} "
+                                                         f"(relative paths are read from the current directory, "
+                                                         f"{Path.cwd()})")
 
 
 def test_eval_fraction_reproduces_the_held_out_rows(tiny_run, tiny_data):

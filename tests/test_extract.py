@@ -86,8 +86,10 @@ def test_format_follows_the_output_suffix():
         choose_format("x/a.safetensors", "pt")
 
 
-def test_not_a_run_is_a_one_line_error(tmp_path):
+def test_not_a_run_is_a_one_line_error(tmp_path, capsys):
     assert main(["extract", str(tmp_path)]) == 2
+    assert capsys.readouterr().out.replace("\n", "") == (f"error: {tmp_path} is not a finished run directory (no "
+                                                         "recipe.yaml or adapter_config.json)")
 
 
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json", "new.safetensors"])

@@ -158,3 +158,78 @@ def test_layers_get_their_own_forward_back_and_fallbacks_go_through_peft():
         with model.disable_adapter():
             assert fastlora.single_adapter(module) is None
     assert "forward" not in vars(module)
+
+
+def identity_lora(dropout: float, width: int = 400):
+    """One dense layer with a LoRA adapter whose A and B are identities (r = width, scale 1): the adapter's share of
+    the output is exactly dropout(x)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(OneLayer(torch.nn.Linear(width, width)),
+                           LoraConfig(r=width, lora_alpha=width, lora_dropout=dropout, target_modules=["proj"]))
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data.copy_(torch.eye(width))
+    return model
+
+
+def adapter_share(model, x):
+    """The adapter's share of the fused forward's output (gradients on, so the fused function runs)."""
+    layer = next(m for _, m, _ in fastlora.lora_linear_modules(model))
+    with fastlora.fused_layers(model, lora=True, int8_dequantize=False) as counts:
+        out = model(x)
+    assert counts["lora"] == 1
+    return (out - layer.get_base_layer()(x)).detach()
+
+
+def test_fused_dropout_drops_its_probability_and_scales_the_rest():
+    """p = 0.05 zeroes about 5% of the adapter's inputs (not 95%) and scales the kept ones by 1 / 0.95; in eval mode
+    nothing is dropped. A test at p = 0.5 could not tell p from 1 - p."""
+    model = identity_lora(0.05).train()
+    x = torch.ones(50, 400, requires_grad=True)
+    torch.manual_seed(0)
+    share = adapter_share(model, x)
+    dropped = (share.abs() < 1e-6).float().mean().item()
+    assert 0.04 < dropped < 0.06
+    kept = share[share.abs() >= 1e-6]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / 0.95), atol=1e-5)
+    assert torch.allclose(adapter_share(model.eval(), x), torch.ones(50, 400), atol=1e-5)
+
+
+def test_rebuilding_a_mask_leaves_the_generator_where_it_was():
+    """Backward redraws forward's mask from a saved state; the generator is then put back, so what is drawn after
+    backward (the next dropout, the next shuffle) does not depend on whether a mask was rebuilt."""
+    layer = torch.nn.Linear(6, 5).requires_grad_(False)
+    x = torch.randn(4, 6, requires_grad=True)
+    a = torch.randn(3, 6, requires_grad=True)
+    b = torch.randn(5, 3, requires_grad=True)
+    torch.manual_seed(0)
+    out = fastlora.LoraLinearFunction.apply(x, a, b, layer, "dense", 0.7, 0.5)
+    torch.rand(7)  # something else draws between forward and backward
+    before = torch.get_rng_state()
+    out.sum().backward()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_dequantized_8bit_layers_keep_their_bias():
+    """Vision-tower layers have biases: the fused 8-bit paths (frozen, and under LoRA) add the bias as
+    bitsandbytes' own layer does."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear8bitLt(24, 16, bias=True, has_fp16_weights=False)
+    layer.load_state_dict({"weight": torch.randn(16, 24), "bias": torch.randn(16) * 3})
+    layer = layer.to("cpu")
+    x = torch.randn(3, 24, requires_grad=True)
+    with torch.no_grad():
+        expected = layer(x)  # bitsandbytes' own forward
+    with fastlora.fused_layers(torch.nn.Sequential(layer), lora=False, int8_dequantize=True) as counts:
+        frozen = layer(x)
+    assert counts["int8"] == 1
+    assert torch.allclose(frozen, expected, atol=2e-2) and not torch.allclose(frozen - layer.bias, expected, atol=1)
+    model = get_peft_model(OneLayer(layer), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"])).train()
+    with fastlora.fused_layers(model, lora=True, int8_dequantize=True) as counts:
+        adapted = model(x)  # lora_B starts at zero: the output is the base layer's
+    assert counts["lora"] == 1
+    assert torch.allclose(adapted, expected, atol=2e-2)

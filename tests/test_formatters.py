@@ -134,3 +134,49 @@ def test_sharegpt_row_errors(row, expected):
 
 def test_the_formatter_and_check_tables_name_the_same_formatters():
     assert set(formatters.FORMATTERS) == set(formatters.ROW_CHECKS) == {"alpaca", "messages", "sharegpt"}
+
+
+def test_a_sharegpt_rows_own_system_turn_gets_no_second_one():
+    row = {"conversations": [{"from": "system", "value": "행 시스템"}, {"from": "human", "value": "질문"},
+                             {"from": "gpt", "value": "답"}]}
+    assert formatters.sharegpt(row, "레시피 시스템") == [
+        {"role": "system", "content": "행 시스템"}, {"role": "user", "content": "질문"},
+        {"role": "assistant", "content": "답"}]
+    assert formatters.sharegpt({"conversations": row["conversations"][1:]}, "레시피 시스템")[0] == \
+        {"role": "system", "content": "레시피 시스템"}
+
+
+def test_each_sharegpt_image_marker_gets_its_own_image_in_order():
+    row = {"conversations": [{"from": "human", "value": "<image>첫째"}, {"from": "gpt", "value": "가"},
+                             {"from": "human", "value": "둘째<image>"}, {"from": "gpt", "value": "나"}],
+           "images": ["a.png", "b.png"]}
+    assert formatters.sharegpt(row) == [
+        {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "첫째"}]},
+        {"role": "assistant", "content": "가"},
+        {"role": "user", "content": [{"type": "image", "image": "b.png"}, {"type": "text", "text": "둘째"}]},
+        {"role": "assistant", "content": "나"}]
+
+
+SYSTEM_TURNS = [{"role": "system", "content": "행 시스템"}, *TURNS]
+
+
+@pytest.mark.parametrize("formatter, fields, system_prompt", [
+    ("messages", {"messages": SYSTEM_TURNS}, None),
+    ("messages", {"messages": TURNS}, "레시피 시스템"),
+    ("sharegpt", {"conversations": [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]],
+                                     "value": m["content"]} for m in SYSTEM_TURNS]}, "레시피 시스템"),
+    ("alpaca", {"instruction": "다음 용어를 설명하세요.", "input": "거푸집", "output": "임시 틀입니다."}, "레시피 시스템"),
+])
+def test_the_prompt_is_the_whole_conversation_before_the_last_answer(tokenizer, formatter, fields, system_prompt):
+    """What eval, sampling and merge's check generate from: the system turn and every earlier turn, exactly the
+    tokens training put before the last answer."""
+    section = DataSection(train="t.jsonl", formatter=formatter, system_prompt=system_prompt)
+    example = encoded(tokenizer, fields, formatter, system_prompt=system_prompt)
+    last_answer = max(i for i, learned in enumerate(example.completion_mask) if learned and
+                      not example.completion_mask[i - 1])
+    prompt = data.prompt(data.Row("t.jsonl", 1, fields), section, tokenizer)
+    assert prompt.input_ids == example.input_ids[:last_answer]
+    text = tokenizer.decode(prompt.input_ids)
+    assert text.count("시스템<|eot_id|>") == 1 and text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    if formatter != "alpaca":
+        assert "거푸집이 무엇입니까?<|eot_id|>" in text and "콘크리트를 부어 모양을 잡는 임시 틀입니다.<|eot_id|>" in text

@@ -53,12 +53,27 @@ def test_literal_backslash_n_becomes_a_line_break(tiny_run):
     assert rendered.count("<|begin_of_text|>") == 1
 
 
-def test_image_is_refused(tiny_run, tmp_path):
+def test_image_is_refused_by_a_text_model(tiny_run, tmp_path, monkeypatch, capsys):
+    """A readable image given to a model that cannot read images is refused as such (not as a missing file)."""
+    from PIL import Image
+
+    from toolkit import vision
+
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "a.png")
+    monkeypatch.setattr(vision, "image_inputs_for", lambda *args, **kwargs: None)  # what a text-only model's run answers
     assert main(["generate", str(tiny_run), "이 사진을 설명하세요.", "--image", str(tmp_path / "a.png")]) == 2
+    assert capsys.readouterr().out.replace("\n", "") == \
+        "error: --image: builtin:tiny-mllama is not a vision model; it cannot read images"
 
 
-def test_empty_prompt_is_refused(tiny_run):
-    assert main(["generate", str(tiny_run), "  "]) == 2
+def test_a_missing_image_is_refused_before_the_model_loads(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "no-run"), "이 사진을 설명하세요.", "--image", str(tmp_path / "a.png")]) == 2
+    assert capsys.readouterr().out.replace("\n", "") == f"error: --image: image not found: {tmp_path / 'a.png'}"
+
+
+def test_empty_prompt_is_refused(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "no-run"), "  "]) == 2
+    assert capsys.readouterr().out.replace("\n", "") == "error: PROMPT is empty; give the question to answer"
 
 
 def force_answer(monkeypatch, tokens: list[int], then: int) -> None:
@@ -122,3 +137,44 @@ def test_an_answer_cannot_steer_the_terminal(tiny_run, words, monkeypatch, capsy
     assert main(["generate", str(tiny_run), PROMPT, "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
     assert "\\x1b[2J\\u202e\n" in out and "\x1b" not in out and "\u202e" not in out
+
+
+def test_generates_prompt_has_the_recipes_system_turn():
+    """generate's question is rendered as a training row asking it: the recipe's system turn included."""
+    from toolkit import data, modeling
+    from toolkit.recipe import DataSection
+
+    tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
+    section = DataSection(train="t.jsonl", system_prompt="당신은 건설 전문가입니다.")
+    question = user_text(PROMPT)
+    asked = data.question_prompt(question, section, tokenizer)
+    row = data.Row("t.jsonl", 1, {"instruction": question, "output": "답"})
+    assert asked.input_ids == data.prompt(row, section, tokenizer).input_ids
+    assert "당신은 건설 전문가입니다.<|eot_id|>" in tokenizer.decode(asked.input_ids)
+
+
+class EchoModel:
+    """Stands in for a model's greedy generate: each row's answer is its prompt's own last two tokens, so an answer
+    given to the wrong row shows."""
+
+    device = "cpu"
+    generation_config = None
+
+    def generate(self, input_ids, **kwargs):
+        return torch.cat([input_ids, input_ids[:, -2:]], dim=1)
+
+
+def test_every_answer_goes_to_its_own_row():
+    """7 prompts of different lengths in batches of 3 (the last batch short): each answer lands on its own row."""
+    from types import SimpleNamespace
+
+    from toolkit import generation, modeling
+
+    tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
+    words = ["거푸집", "철근", "양생", "슬럼프", "비계", "동바리", "콘크리트"]
+    prompts = [SimpleNamespace(input_ids=tokenizer(" ".join(words[: i % 4 + 1]) + f" {word} {i}",
+                                                   add_special_tokens=False).input_ids, images=())
+               for i, word in enumerate(words)]
+    expected = [tokenizer.decode(p.input_ids[-2:], skip_special_tokens=True).strip() for p in prompts]
+    assert len(set(expected)) == 7
+    assert generation.generate_answers(EchoModel(), tokenizer, prompts, 3, 2, label="t") == expected

@@ -152,6 +152,71 @@ def test_a_tile_cap_keeps_the_models_tile_count_and_aspect_ids():
     assert spec.vision_tokens_per_image == 4 * 17
 
 
+def test_capped_tiles_are_padded_after_the_images_content(tmp_path):
+    """Under a cap of 2 on a 4-tile model, a batch's tiles 0-1 hold the image (as the capped processor made them)
+    and tiles 2-3 are padding: pixels, the aspect-ratio mask and the cross-attention mask agree tile by tile."""
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    processor = MllamaImageProcessorPil(size={"height": 56, "width": 56}, max_image_tiles=4)
+    Image.new("RGB", (50, 100), (200, 120, 30)).save(tmp_path / "tall.png")
+    spec = vision.ImageSpec(tile_size=56, model_max_tiles=4, max_tiles=2, patches_per_tile=17)
+    inputs = vision.ImageInputs(processor, spec, image_token_id=7)
+    ids = torch.tensor([[5, 7, 9, 9, 9], [5, 9, 9, 0, 0]])
+    batch = inputs.add({"input_ids": ids}, [[str(tmp_path / "tall.png")], []])
+    own = processor(images=[[Image.open(tmp_path / "tall.png").convert("RGB")]], max_image_tiles=2,
+                    return_tensors="pt")["pixel_values"]
+    assert own.shape[2] == 2 and batch["pixel_values"].shape == (2, 1, 4, 3, 56, 56)
+    assert torch.equal(batch["pixel_values"][0, 0, :2], own[0, 0])  # the content first, unchanged
+    assert batch["pixel_values"][0, 0, 2:].abs().sum() == 0 and batch["pixel_values"][1].abs().sum() == 0
+    assert batch["aspect_ratio_mask"][0].tolist() == [[1, 1, 0, 0]]
+    assert batch["cross_attention_mask"][0, :, 0].tolist() == [[0, 0, 0, 0]] + [[1, 1, 0, 0]] * 4
+    assert not batch["cross_attention_mask"][1].any()
+
+
+def four_tile_model(folder: Path) -> Path:
+    """The built-in model's shape with a 4-tile vision tower (random weights), saved as a local model folder."""
+    from transformers import GenerationConfig, MllamaForConditionalGeneration, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import get_all_supported_aspect_ratios
+
+    from toolkit import builtin
+
+    tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
+    config = modeling.load_config("builtin:tiny-mllama")
+    config.vision_config.max_num_tiles = 4
+    config.vision_config.supported_aspect_ratios = [list(r) for r in get_all_supported_aspect_ratios(4)]
+    torch.manual_seed(0)
+    model = MllamaForConditionalGeneration(config)
+    builtin.init_text_weights(model, config)
+    model.generation_config = GenerationConfig.from_pretrained(builtin.ensure_builtin("builtin:tiny-mllama"))
+    model.save_pretrained(folder)
+    processor = builtin.image_processor()
+    processor.max_image_tiles = 4
+    MllamaProcessor(image_processor=processor, tokenizer=tokenizer, chat_template=builtin.chat_template()
+                    ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_run_capped_below_the_models_tiles_trains(image_data, tmp_path, monkeypatch):
+    """data.max_image_tiles: 2 on a 4-tile model: every batch carries the model's 4 tile slots, content first."""
+    seen = []
+    collate = vision.VisionCollator.__call__
+
+    def recording(self, examples):
+        batch = collate(self, examples)
+        seen.append(batch["aspect_ratio_mask"][:, 0].tolist() if "aspect_ratio_mask" in batch else None)
+        assert batch["pixel_values"].shape[2:] == (4, 3, 56, 56)
+        return batch
+
+    monkeypatch.setattr(vision.VisionCollator, "__call__", recording)
+    model = four_tile_model(tmp_path / "model")
+    recipe = tiny_recipe(tmp_path, {"train": image_data["images"]}, model={"name": str(model)},
+                         train={"max_steps": 2, "batch_size": 6, "save_steps": 2})
+    assert main(["sft", str(recipe), "--set", "data.max_image_tiles=2", "--output-dir", str(tmp_path / "run")]) == 0
+    masks = [mask for batch in seen for mask in batch]
+    assert len(masks) == 12 and {tuple(m) for m in masks} == {(1, 0, 0, 0), (1, 1, 0, 0)}
+
+
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory, image_data) -> Path:
     folder = tmp_path_factory.mktemp("image-run")

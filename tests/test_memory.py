@@ -76,12 +76,37 @@ def tiny_recipe(**train):
 
 
 def test_auto_becomes_a_number_and_a_number_stays():
+    """The batch is sized by the longest row (90 tokens, 96 padded), not a typical one: 13 rows of 96 tokens fit
+    2.02 GiB on the built-in model, where 20 rows of the median 60 would."""
     config = modeling.load_config("builtin:tiny-mllama")
-    recipe, plan = memory.resolve_batch_size(tiny_recipe(batch_size="auto", memory_budget_gib=3), config,
+    text = config.get_text_config()
+    recipe, plan = memory.resolve_batch_size(tiny_recipe(batch_size="auto", memory_budget_gib=2.02), config,
                                              [30, 90, 60] * 100, "bf16")
-    assert isinstance(recipe.train.batch_size, int) and recipe.train.batch_size == plan.batch_size > 0
+    assert recipe.train.batch_size == plan.batch_size == 13
+    assert plan.per_row_gib == 96 * memory.activation_bytes_per_token(text, memory.Setup()) / 2**30
+    median = memory.resolve_batch_size(tiny_recipe(batch_size="auto", memory_budget_gib=2.02), config, [60], "bf16")
+    assert median[1].batch_size == 1  # one row: never more rows than the data has
+    assert memory.plan_batch(modeling.meta_model(config), text, memory.Setup(), 60, 2.02, 300).batch_size == 20
     fixed = tiny_recipe(batch_size=3)
     assert memory.resolve_batch_size(fixed, config, [30], "bf16") == (fixed, None)
+
+
+def test_weights_count_follows_skip_modules():
+    """Layers `quantization.skip_modules` keeps unquantized are counted at the compute dtype, by the loader's rule
+    (a list replaces the default that keeps lm_head)."""
+    config = modeling.load_config("builtin:tiny-mllama")
+    meta = modeling.meta_model(config)
+    eight = memory.Setup(quantization="8bit")
+    vision = [m for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.vision_")]
+    extra = sum(m.weight.numel() * (2 - memory.quantized_bytes_per_weight(eight, m.in_features)) for m in vision)
+    skipped = memory.Setup(quantization="8bit", skip_modules=("model.vision_model", "lm_head"))
+    assert len(vision) == 18 and extra > 0
+    assert memory.weight_bytes(meta, skipped) - memory.weight_bytes(meta, eight) == pytest.approx(extra, abs=1)
+    assert memory.weight_bytes(meta, memory.Setup(quantization="8bit", skip_modules=("lm_head",))) == \
+        memory.weight_bytes(meta, eight)
+    recipe = recipe_from_dict({"model": {"name": "builtin:tiny-mllama"}, "data": {"train": "t.jsonl"},
+                               "quantization": {"mode": "8bit", "skip_modules": ["model.vision_model", "lm_head"]}})
+    assert memory.weight_bytes(meta, memory.Setup.from_recipe(recipe, "bf16")) == memory.weight_bytes(meta, skipped)
 
 
 def test_auto_plans_image_batches_by_their_vision_tokens(full_size):

@@ -73,6 +73,26 @@ def test_check_fails_when_the_tolerance_is_too_tight(tiny_run, tmp_path, capsys)
     assert "do not use it" in capsys.readouterr().out
 
 
+def test_a_merged_model_off_by_one_percent_fails(tiny_run, tmp_path, monkeypatch, capsys):
+    """Logits 1% larger than base + adapter's (every one, the largest included) fail fp32's default tolerance, and
+    nothing is written to --output."""
+    from toolkit.commands import merge
+
+    load_saved = merge.load_saved
+
+    def one_percent_off(out, dtype, device):
+        model = load_saved(out, dtype, device)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(1.01)
+        return model
+
+    monkeypatch.setattr(merge, "load_saved", one_percent_off)
+    assert main(["merge", str(tiny_run), "--output", str(tmp_path / "m"), "--dtype", "fp32"]) == 1
+    out = capsys.readouterr().out.replace("\n", "")
+    assert "not within tolerance" in out and "do not use it" in out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_8bit_adapter_merges_into_full_precision_base(tiny_data, tmp_path, capsys):
     recipe = tiny_recipe(tmp_path, tiny_data, train={"max_steps": 3})
     run_dir = tmp_path / "run8"
@@ -126,3 +146,27 @@ def test_a_merged_model_never_replaces_what_another_process_wrote_meanwhile(tmp_
     assert str(err.value) == (f"--output {out} was filled while this merge ran (another process?); nothing was "
                               "replaced. Pass --overwrite to replace it or choose another directory")
     assert (out / "model.safetensors").read_bytes() == b"the other merge's"
+
+
+def test_merges_check_prompts_are_whole_conversations(tmp_path):
+    """The check runs the run's own rows as eval prompts them: system turn and earlier turns included."""
+    from toolkit import data, modeling
+    from toolkit.commands.merge import verify_prompts
+    from toolkit.recipe import recipe_from_dict
+
+    turns = [{"role": "system", "content": "행 시스템"}, {"role": "user", "content": "첫 질문"},
+             {"role": "assistant", "content": "첫 답"}, {"role": "user", "content": "둘째 질문"},
+             {"role": "assistant", "content": "둘째 답"}]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"messages": turns}, ensure_ascii=False) + "\n", encoding="utf-8")
+    recipe = recipe_from_dict({"model": {"name": "builtin:tiny-mllama"},
+                               "data": {"train": str(rows), "formatter": "messages"}})
+    tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
+    prompts = verify_prompts(recipe, tokenizer, with_image=False, scratch=tmp_path)
+    example = data.encode_rows(data.parse_rows(rows, recipe.data)[0], recipe.data, tokenizer, 512).examples[0]
+    assert len(prompts) == 1
+    text = tokenizer.decode(prompts[0].input_ids)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
+    assert "행 시스템<|eot_id|>" in text and "첫 질문<|eot_id|>" in text and "첫 답<|eot_id|>" in text
+    assert text.endswith("둘째 질문<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert prompts[0].input_ids == example.input_ids[: len(prompts[0].input_ids)]

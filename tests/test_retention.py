@@ -101,6 +101,26 @@ def test_the_base_against_itself_drifts_exactly_zero(loaded_run):
     assert [len(e.images) for e in encoded] == [0] * 24 + [1] * 4
 
 
+def test_a_rows_kl_in_a_padded_batch_is_its_own_forward_pass(loaded_run):
+    """KL(tuned || base) of the first row, computed here from two plain forward passes of that row alone, equals
+    what measure reports for it from a right-padded batch of three rows. (Text rows only: beside an image row,
+    Mllama's cross-attention of a text row attends to blank tiles, which moves its logits by about 0.1%.)"""
+    model, tokenizer, recipe, images = loaded_run
+    general = general_subset(recipe, text_rows=3)
+    general.rows = general.rows[:3]
+    example = retention.teacher_forced(general.rows[:1], general.section, tokenizer)[0]
+    ids = torch.tensor([example.input_ids])
+    with torch.inference_mode():
+        tuned = model(input_ids=ids).logits[0].float().log_softmax(-1)
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits[0].float().log_softmax(-1)
+    predicting = [t - 1 for t, learned in enumerate(example.completion_mask) if learned]
+    expected = (tuned[predicting].exp() * (tuned[predicting] - base[predicting])).sum(-1).mean().item()
+    measured = retention.measure(model, tokenizer, general, images=images, batch_size=3, max_new_tokens=2)
+    assert measured.records[0]["kl_per_token"] == pytest.approx(expected, rel=1e-4)
+    assert len(predicting) == example.learned and expected > 0
+
+
 def run_of(folder, train_file, learning_rate):
     recipe = tiny_recipe(folder, {"train": train_file}, lora=QUICKSTART_LORA,
                          train={"max_steps": 12, "learning_rate": learning_rate, "lr_scheduler": "constant",
@@ -178,6 +198,8 @@ def test_retention_data_problems_stop_before_the_model_loads(tiny_run, tmp_path,
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(runs, "load_trained", no_model)
+    assert main(["eval", str(tiny_run), "--retention-data", " "]) == 2
+    assert "--retention-data is empty; name a general data file" in capsys.readouterr().out
     missing = tmp_path / "nope.jsonl"
     assert main(["eval", str(tiny_run), "--retention-data", str(missing)]) == 2
     assert f"--retention-data: file not found: {missing}" in capsys.readouterr().out

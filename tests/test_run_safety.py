@@ -64,6 +64,28 @@ def test_overwrite_replaces_a_run_the_toolkit_made(tmp_path, short_recipe):
     assert files.is_complete(run_dir, "run") and not (run_dir / files.LOCK).exists()
 
 
+def test_overwrite_never_replaces_a_directory_the_toolkit_made_for_another_purpose(tiny_run, tmp_path,
+                                                                                   short_recipe, capsys):
+    """A merged model is not a run for sft --overwrite, and a run is not a merged model for merge --overwrite."""
+    merged, run = tmp_path / "merged", tmp_path / "run"
+    for folder, kind in ((merged, "merged"), (run, "run")):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+        files.write_marker(folder, kind, complete=True)
+    assert sft(short_recipe, merged, "--overwrite") == 2
+    assert capsys.readouterr().out.replace("\n", "").endswith(
+        f"error: --output-dir {merged} is a toolkit merged directory; --overwrite only replaces a run directory the "
+        "toolkit made. Remove it yourself or choose another directory")
+    assert main(["merge", str(tiny_run), "--output", str(run), "--overwrite"]) == 2
+    assert capsys.readouterr().out.replace("\n", "").endswith(
+        f"error: --output {run} is a toolkit run directory; --overwrite only replaces a merged directory the "
+        "toolkit made. Remove it yourself or choose another directory")
+    for folder, kind in ((merged, "merged"), (run, "run")):
+        assert sorted(p.name for p in folder.iterdir()) == [files.MARKER, "model.safetensors"]
+        assert files.is_complete(folder, kind)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", "run", "recipe.yaml"])
+
+
 def test_tilde_is_expanded_for_every_file_of_the_run(tmp_path, short_recipe, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
@@ -130,6 +152,11 @@ def test_a_nan_loss_stops_training(tmp_path):
     guard.on_log(None, state, control, logs={"loss": float("nan"), "grad_norm": 1.0})
     assert guard.problem == "loss is nan at step 7"
     assert control.should_training_stop and not control.should_save
+    for precision in ("bf16", "fp32"):  # no loss scaler: a NaN gradient norm is divergence, at its first log
+        guard, control.should_training_stop, control.should_save = trainer.FiniteGuard(precision), False, True
+        guard.on_log(None, state, control, logs={"loss": 1.0, "grad_norm": float("nan")})
+        assert guard.problem == "grad_norm is nan at step 7"
+        assert control.should_training_stop and not control.should_save
     fp16 = trainer.FiniteGuard("fp16")  # an inf gradient norm is the fp16 loss scaler skipping a step
     fp16.on_log(None, state, control, logs={"loss": 1.0, "grad_norm": float("inf")})
     assert fp16.problem is None

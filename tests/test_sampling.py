@@ -37,6 +37,7 @@ def two_runs(tmp_path_factory, tiny_data):
     folder = tmp_path_factory.mktemp("sampling")
     patch = pytest.MonkeyPatch()
     patch.setattr(sampling, "MAX_NEW_TOKENS", MAX_NEW_TOKENS)
+    patch.setattr(sampling, "BATCH_SIZE", 3)  # 4 sampled rows in two batches, as eval below makes one of 4
     answers = {}
     original = sampling.SampleCallback.answer
 
@@ -69,7 +70,7 @@ def test_the_logged_accuracy_and_answers_are_what_eval_gives_for_the_finished_ru
     entries = [entry for entry in history(sampled) if sampling.LOG_KEY in entry]
     assert [entry["step"] for entry in entries] == [2, 4]
     out = tmp_path / "eval.json"
-    args = ["--limit", "4", "--max-new-tokens", str(MAX_NEW_TOKENS), "--json", str(out)]
+    args = ["--limit", "4", "--batch-size", "4", "--max-new-tokens", str(MAX_NEW_TOKENS), "--json", str(out)]
     assert main(["eval", str(sampled), *args]) == 0
     predictions = [json.loads(line)["prediction"]
                    for line in (sampled / "eval_predictions.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -91,6 +91,10 @@ def test_grouped_rows_reach_the_trainer_in_the_grouped_order(tmp_path, tiny_data
     order = length_grouped_order([len(e.input_ids) for e in examples], batch_size=4, epochs=3, seed=42)
     assert seen == [[examples[i].input_ids for i in order[j : j + 4]] for j in range(0, len(order), 4)]
     assert len(losses(run_dir)) == 4
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["summary"]["epochs"] == 2.0  # 6 steps of 3 per pass over the 12 rows, not 6 of the 9 grouped
+    assert [e["epoch"] for e in metrics["log_history"] if "loss" in e] == [0.3333, 0.6667, 1.3333, 2.0]
+    assert "Trained 6 steps (2.0 epochs)" in (run_dir / "README.md").read_text(encoding="utf-8")
 
 
 def layer_classes(model) -> tuple[str, str]:
@@ -238,6 +242,18 @@ def test_resume_skips_a_checkpoint_cut_short_by_a_crash(six_steps, tmp_path, cap
     assert f"checkpoint-4: incomplete ({problem})" in out and f"resuming from {run_dir / 'checkpoint-2'}" in out
     resumed, whole = lora_tensors(run_dir), lora_tensors(six_steps["whole"])
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_resume_picks_the_highest_step_not_the_last_name(six_steps, tmp_path):
+    """checkpoint-10 is newer than checkpoint-8, though "checkpoint-8" sorts after it as text."""
+    run_dir = copy_of(six_steps["interrupted"], tmp_path)
+    for old, new in (("checkpoint-2", 10), ("checkpoint-4", 8)):
+        state_file = run_dir / old / "trainer_state.json"
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        state_file.write_text(json.dumps({**state, "global_step": new}), encoding="utf-8")
+        (run_dir / old).rename(run_dir / f"checkpoint-{new}")
+    assert [p.name for p in runs.checkpoints(run_dir)] == ["checkpoint-10", "checkpoint-8"]
+    assert runs.resumable_checkpoint(run_dir) == (run_dir / "checkpoint-10", [])
 
 
 def test_resume_on_a_finished_run_changes_nothing(six_steps, tmp_path, capsys):

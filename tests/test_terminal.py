@@ -46,3 +46,21 @@ def test_the_examples_table_shows_data_escaped_and_short(monkeypatch):
         "└──────────────────┴──────────────────┴──────────────────┴──────────────────┴──────────────────┘",
     ]  # a 1,200-character answer fills EXAMPLE_LINES lines of its column, not dozens
     assert eval_command.column_width(5) == (100 - 16) // 5
+
+
+def test_the_examples_table_shows_the_question_of_messages_and_sharegpt_rows(monkeypatch):
+    from toolkit import data
+    from toolkit.recipe import DataSection
+
+    console = Console(width=100, record=True, color_system=None, file=open("/dev/null", "w"))
+    monkeypatch.setattr(eval_command, "console", console)
+    turns = [{"role": "user", "content": "첫 질문"}, {"role": "assistant", "content": "첫 답"},
+             {"role": "user", "content": "슬럼프란?"}, {"role": "assistant", "content": "반죽질기 값"}]
+    sharegpt = [{"from": "human" if t["role"] == "user" else "gpt", "value": t["content"]} for t in turns]
+    for formatter, fields in (("messages", {"messages": turns}), ("sharegpt", {"conversations": sharegpt})):
+        section = DataSection(train="t.jsonl", formatter=formatter)
+        records = eval_command.prediction_records([data.Row("t.jsonl", 1, fields)], section, [None], ["답변"], None)
+        console.export_text()  # clear what an earlier table recorded
+        eval_command.show_examples(records, compare=False)
+        first_row = [line.rstrip() for line in console.export_text().splitlines()][4]
+        assert [cell.strip() for cell in first_row.split("│")[1:4]] == ["슬럼프란?", "반죽질기 값", "답변"]

@@ -97,7 +97,9 @@ def shared_modality_batches(has_image: list[bool], micro_batch: int, processes: 
         rounds.extend(passage_rounds)
         if image_rounds:
             previous_image_round = image_rounds[-1]
-    return [deal(r, has_image, processes)[p] for r in rounds for p in range(processes)]
+    # every image round starts with at least `processes` image rows (rows added later go to its end), so dealing
+    # it round-robin gives each process one
+    return [r[p::processes] for r in rounds for p in range(processes)]
 
 
 def ordered(rows: list[int], lengths: list[int] | None, window: int) -> list[int]:
@@ -119,9 +121,3 @@ def cut_rounds(rows: list[int], size: int, processes: int) -> tuple[list[list[in
         rounds[-1].extend(spare)
     return rounds, []
 
-
-def deal(round_rows: list[int], has_image: list[bool], processes: int) -> list[list[int]]:
-    """One round dealt round-robin to the processes, image rows first, so when the round holds at least
-    `processes` image rows every batch gets one."""
-    rows = [i for i in round_rows if has_image[i]] + [i for i in round_rows if not has_image[i]]
-    return [rows[p::processes] for p in range(processes)]

@@ -137,7 +137,7 @@ def debug_environment(debug: bool):
 
 def run_command(name: str, argv: list[str], debug: bool) -> int:
     """Run one command and turn every way it can fail into one line and an exit code."""
-    from toolkit.errors import ToolkitError
+    from toolkit.errors import ToolkitError, first_line
     from toolkit.files import says_disk_full
 
     try:
@@ -155,7 +155,7 @@ def run_command(name: str, argv: list[str], debug: bool) -> int:
         print_error("stopped by Ctrl-C", label="interrupted:")
         return 130
     except Exception as err:
-        first = (str(err).splitlines() or [""])[0][:300]
+        first = first_line(err, 300)
         if says_disk_full(err):
             return failed(f"{first}; the disk is full: free space, then run the command again", 2, debug)
         hint = "" if debug else f"; run it again as toolkit --debug {name} ... to see where, and report it"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 from toolkit.formatters import images_in
 
 END_OF_TURN = "<|eot_id|>"
@@ -68,7 +68,7 @@ def render_skeleton(messages: list[dict], tokenizer, date_string: str, add_gener
         skeleton = tokenizer.apply_chat_template(shaped, tokenize=False, date_string=date_string,
                                                  add_generation_prompt=add_generation_prompt)
     except Exception as err:  # the template's own raise_exception (e.g. a system message beside an image)
-        raise ToolkitError(f"the chat template refused this conversation: {str(err).splitlines()[0]}") from None
+        raise ToolkitError(f"the chat template refused this conversation: {first_line(err)}") from None
     pieces = PLACEHOLDER.split(skeleton)  # template text, index, template text, index, ..., template text
     order = [int(i) for i in pieces[1::2]]
     if order != list(range(len(texts))):

@@ -11,7 +11,7 @@ import re
 from collections import Counter
 from contextlib import contextmanager
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 
 VISION_MARKERS = ("vision_model", "multi_modal_projector")
 LAYER_INDEX = re.compile(r"language_model\.(?:model\.)?layers\.(\d+)\.")
@@ -113,7 +113,7 @@ def resolve_targets(model, lora_section) -> list[str]:
     except ValueError as err:
         if "not found in the base model" in str(err) or "Target modules" in str(err):
             raise no_match_error(lora_section) from None
-        raise ToolkitError(f"lora: PEFT refused the targets: {str(err).splitlines()[0]}") from None
+        raise ToolkitError(f"lora: PEFT refused the targets: {first_line(err)}") from None
     return check_scope(targeted_modules(peft_model), lora_section)
 
 

@@ -11,7 +11,7 @@ peaks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from toolkit.errors import ToolkitError
 
@@ -30,10 +30,13 @@ class Setup:
     fused_lora: bool = True
     liger: bool = False
     checkpointing: bool = False
+    offload: bool = False  # checkpointed layers' inputs live in host memory (toolkit.activations)
+    checkpoint_layers: int | None = None  # self-attention layers checkpointed; None: all
     dropout: float = 0.0
     upcast_inputs: bool = False
     adapted_per_layer: int = 4  # LoRA modules in one decoder layer
     compute_bytes: int = 2  # bf16/fp16; 4 for fp32
+    skip_modules: tuple[str, ...] | None = None  # quantization.skip_modules: linear layers left unquantized
 
     @classmethod
     def from_recipe(cls, recipe, precision: str) -> "Setup":
@@ -42,10 +45,13 @@ class Setup:
         return cls(quantization=recipe.quantization.mode, double_quant=recipe.quantization.double_quant,
                    int8_matmul=recipe.quantization.int8_matmul,
                    fused_lora=recipe.train.fused_lora and not recipe.lora.upcast_inputs,
-                   liger=recipe.train.liger_kernel, checkpointing=recipe.train.gradient_checkpointing,
+                   liger=recipe.train.liger_kernel, checkpointing=bool(recipe.train.gradient_checkpointing),
+                   offload=recipe.train.gradient_checkpointing == "offload",
+                   checkpoint_layers=layers if isinstance(layers := recipe.train.checkpoint_layers, int) else None,
                    dropout=recipe.lora.dropout, upcast_inputs=recipe.lora.upcast_inputs,
                    adapted_per_layer=per_layer,
-                   compute_bytes=4 if precision == "fp32" else 2)
+                   compute_bytes=4 if precision == "fp32" else 2,
+                   skip_modules=tuple(skip) if (skip := recipe.quantization.skip_modules) else None)
 
 
 # ---- weights ----
@@ -59,15 +65,18 @@ def quantized_bytes_per_weight(setup: Setup, in_features: int) -> float:
     return 0.5 + (1.0 if setup.double_quant else 4.0) / 64
 
 
-def weight_bytes(meta_model, setup: Setup, skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """Bytes of the frozen model: linear layers as quantized (all but `skip`), everything else in the compute
-    dtype."""
+def weight_bytes(meta_model, setup: Setup) -> int:
+    """Bytes of the frozen model: linear layers as quantized (all but those `quantization.skip_modules` keeps, by
+    the loader's own rule), everything else in the compute dtype."""
     import torch
+
+    from toolkit.modeling import quantized
 
     total = 0.0
     counted = set()
     for name, module in meta_model.named_modules():
-        if isinstance(module, torch.nn.Linear) and setup.quantization != "none" and not name.endswith(skip):
+        if (isinstance(module, torch.nn.Linear) and setup.quantization != "none"
+                and quantized(name, setup.skip_modules)):
             total += module.weight.numel() * quantized_bytes_per_weight(setup, module.in_features)
             counted.add(id(module.weight))
     for param in meta_model.parameters():
@@ -117,18 +126,35 @@ def text_layers(text_config) -> int:
     return text_config.num_hidden_layers - len(getattr(text_config, "cross_attention_layers", None) or [])
 
 
+OFFLOAD_IN_FLIGHT = 2  # offloaded layer inputs on the GPU at once: one in use, the next fetched ahead
+
+
+def checkpointed_layers(text_config, setup: Setup) -> int:
+    layers = text_layers(text_config)
+    if not setup.checkpointing:
+        return 0
+    return layers if setup.checkpoint_layers is None else min(setup.checkpoint_layers, layers)
+
+
 def activation_bytes_per_token(text_config, setup: Setup) -> int:
-    """Bytes kept per token of the longest micro-batch. With checkpointing each layer keeps only its input, and one
-    layer at a time is recomputed in full; the LM head keeps the last hidden state and, in backward, an fp32
-    gradient of it."""
+    """GPU bytes kept per token of the longest micro-batch. A checkpointed layer keeps only its input (in host
+    memory when offloaded, but for the few copies in flight), and one layer at a time is recomputed in full; the
+    other layers keep everything `layer_bytes_per_token` counts. The LM head keeps the last hidden state and, in
+    backward, an fp32 gradient of it."""
     layer = layer_bytes_per_token(text_config, setup)
     layers = text_layers(text_config)
+    checkpointed = checkpointed_layers(text_config, setup)
     h = text_config.hidden_size
     head = (setup.compute_bytes + 4) * h
     int8 = layers * int8_inputs_per_token(text_config, setup)
-    if setup.checkpointing:
-        return layers * setup.compute_bytes * h + layer + head + int8
-    return layers * layer + head + int8
+    inputs = min(checkpointed, OFFLOAD_IN_FLIGHT) if setup.offload else checkpointed
+    recompute = layer if checkpointed else 0
+    return (layers - checkpointed) * layer + inputs * setup.compute_bytes * h + recompute + head + int8
+
+
+def host_bytes_per_token(text_config, setup: Setup) -> int:
+    """Host (pinned CPU) memory per token of the longest micro-batch: the offloaded layer inputs."""
+    return checkpointed_layers(text_config, setup) * setup.compute_bytes * text_config.hidden_size if setup.offload else 0
 
 
 # ---- images ----
@@ -180,26 +206,69 @@ class Plan:
     weights_gib: float
     per_row_gib: float
     budget_gib: float
+    checkpoint_layers: int | None = None  # None: all (or no checkpointing)
+    host_per_row_gib: float = 0.0  # offloaded layer inputs
 
     def peak_gib(self, batch: int | None = None) -> float:
         return self.weights_gib + (batch or self.batch_size) * self.per_row_gib + RESERVE_BYTES / GIB
 
+    def host_gib(self, batch: int | None = None) -> float:
+        return (batch or self.batch_size) * self.host_per_row_gib
+
+
+def fewest_checkpointed(text_config, setup: Setup, tokens: int, batch: int, room: float) -> int | None:
+    """The fewest checkpointed self-attention layers with which `batch` rows of `tokens` fit `room` bytes, or
+    None when not even all of them do."""
+    for layers in range(text_layers(text_config) + 1):
+        if batch * tokens * activation_bytes_per_token(text_config, replace(setup, checkpoint_layers=layers)) <= room:
+            return layers
+    return None
+
 
 def plan_batch(meta_model, text_config, setup: Setup, longest_row: int, budget_gib: float, rows: int,
-               pad_multiple: int = 8, image_row_bytes: int = 0) -> Plan:
-    """The largest micro-batch whose longest batch (every row as long as the longest, and carrying the most
-    images any row has, `image_row_bytes`) fits `budget_gib`."""
+               pad_multiple: int = 8, image_row_bytes: int = 0, batch: int | None = None,
+               auto_layers: bool = False) -> Plan:
+    """The micro-batch (`batch`, or the largest whose longest batch fits `budget_gib`: every row as long as the
+    longest and carrying the most images any row has, `image_row_bytes`) and, with `auto_layers`, the fewest
+    checkpointed layers with which that batch fits."""
     weights = weight_bytes(meta_model, setup)
-    per_row = padded(longest_row, pad_multiple) * activation_bytes_per_token(text_config, setup) + image_row_bytes
+    tokens = padded(longest_row, pad_multiple)
     room = budget_gib * GIB - weights - RESERVE_BYTES
-    batch = min(int(room // per_row), MAX_AUTO_BATCH, max(rows, 1))
-    if batch < 1:
-        raise ToolkitError(
-            f"train.batch_size: auto finds no batch that fits train.memory_budget_gib={budget_gib:g}: the weights "
-            f"take {weights / GIB:.1f} GiB and one row of {longest_row} tokens {per_row / GIB:.2f} GiB; raise the "
-            "budget, quantize (quantization.mode), or set train.gradient_checkpointing: true"
-        )
-    return Plan(batch, weights / GIB, per_row / GIB, budget_gib)
+    if batch is None:
+        per_row = tokens * activation_bytes_per_token(text_config, setup) + image_row_bytes
+        batch = min(int(room // per_row), MAX_AUTO_BATCH, max(rows, 1))
+        if batch < 1:
+            raise ToolkitError(
+                f"train.batch_size: auto finds no batch that fits train.memory_budget_gib={budget_gib:g}: the "
+                f"weights take {weights / GIB:.1f} GiB and one row of {longest_row} tokens {per_row / GIB:.2f} GiB; "
+                "raise the budget, quantize (quantization.mode), or set train.gradient_checkpointing: true or offload"
+            )
+    if auto_layers:
+        layers = fewest_checkpointed(text_config, setup, tokens, batch, room - batch * image_row_bytes)
+        if layers is None:
+            raise ToolkitError(
+                f"train.checkpoint_layers: auto finds no layer count with which {batch} rows of {longest_row} tokens "
+                f"fit train.memory_budget_gib={budget_gib:g}; lower train.batch_size or raise the budget")
+        setup = replace(setup, checkpoint_layers=layers)
+    per_row = tokens * activation_bytes_per_token(text_config, setup) + image_row_bytes
+    host = tokens * host_bytes_per_token(text_config, setup)
+    return Plan(batch, weights / GIB, per_row / GIB, budget_gib, setup.checkpoint_layers, host / GIB)
+
+
+def estimate(recipe, model_config, lengths: list[int], precision: str, images: int = 0,
+             tile_slots: int = 0) -> Plan:
+    """The memory plan of a recipe whose batch size and checkpointed layers are numbers (or `all`)."""
+    from toolkit import modeling
+
+    setup, longest = Setup.from_recipe(recipe, precision), max(lengths)
+    return plan_batch(modeling.meta_model(model_config), model_config.get_text_config(), setup, longest,
+                      recipe.train.memory_budget_gib, len(lengths), pad_multiple=pad_multiple(precision),
+                      image_row_bytes=image_row_bytes(model_config, setup, longest, images, tile_slots),
+                      batch=recipe.train.batch_size)
+
+
+def pad_multiple(precision: str) -> int:
+    return 8 if precision in ("bf16", "fp16") else 1
 
 
 def image_row_bytes(model_config, setup: Setup, longest_row: int, images: int, tile_slots: int) -> int:
@@ -214,20 +283,28 @@ def image_row_bytes(model_config, setup: Setup, longest_row: int, images: int, t
 
 def resolve_batch_size(recipe, model_config, lengths: list[int], precision: str, images: int = 0,
                        tile_slots: int = 0):
-    """The recipe with `train.batch_size: auto` replaced by a number (and that plan), or unchanged (and None).
-    `images` is the most images a row has and `tile_slots` the tiles each runs as (0 for text data)."""
-    if recipe.train.batch_size != "auto":
+    """The recipe with `train.batch_size: auto` and `train.checkpoint_layers: auto` replaced by numbers (and that
+    plan), or unchanged (and None). The batch is sized first, with every layer checkpointed; then as few layers
+    are checkpointed as that batch allows. `images` is the most images a row has and `tile_slots` the tiles each
+    runs as (0 for text data)."""
+    train = recipe.train
+    auto_batch, auto_layers = train.batch_size == "auto", train.checkpoint_layers == "auto"
+    if not auto_batch and not auto_layers:
         return recipe, None
     from toolkit import modeling
 
     if not lengths:
-        raise ToolkitError("train.batch_size: auto needs training rows to size the batch by")
+        raise ToolkitError(f"train.{'batch_size' if auto_batch else 'checkpoint_layers'}: auto needs training rows "
+                           "to size the batch by")
     setup = Setup.from_recipe(recipe, precision)
     plan = plan_batch(modeling.meta_model(model_config), model_config.get_text_config(), setup, max(lengths),
-                      recipe.train.memory_budget_gib, len(lengths), pad_multiple=8 if precision in ("bf16", "fp16") else 1,
-                      image_row_bytes=image_row_bytes(model_config, setup, max(lengths), images, tile_slots))
-    train = recipe.train.model_copy(update={"batch_size": plan.batch_size})
-    return recipe.model_copy(update={"train": train}), plan
+                      train.memory_budget_gib, len(lengths), pad_multiple=pad_multiple(precision),
+                      image_row_bytes=image_row_bytes(model_config, setup, max(lengths), images, tile_slots),
+                      batch=None if auto_batch else train.batch_size, auto_layers=auto_layers)
+    update = {"batch_size": plan.batch_size}
+    if auto_layers:
+        update["checkpoint_layers"] = plan.checkpoint_layers
+    return recipe.model_copy(update={"train": train.model_copy(update=update)}), plan
 
 
 # ---- measuring what autograd keeps ----
@@ -257,12 +334,38 @@ def saved_tensor_bytes(run, exclude=()) -> int:
 def plan_for(prepared):
     """`resolve_batch_size` for a run `toolkit.prepare` checked: sized by its longest row and, with images, by the
     row with the most images, each run as `data.vision_tiles` says."""
-    examples = prepared.train.examples
-    images = max((len(e.images) for e in examples), default=0)
+    return resolve_batch_size(prepared.recipe, prepared.model_config, prepared.lengths, prepared.precision,
+                              *image_load(prepared))
+
+
+def image_load(prepared) -> tuple[int, int]:
+    """(the most images a training row has, the tiles each runs as)."""
+    images = max((len(e.images) for e in prepared.train.examples), default=0)
     tile_slots = 0
     if images:
         spec = prepared.image_spec
         tile_slots = spec.model_max_tiles if prepared.recipe.data.vision_tiles == "padded" else \
             max(prepared.image_tiles.values(), default=1)
-    return resolve_batch_size(prepared.recipe, prepared.model_config, prepared.lengths, prepared.precision,
-                              images, tile_slots)
+    return images, tile_slots
+
+
+def memory_plan(prepared):
+    """(recipe with any auto settings resolved, its memory plan): what `toolkit sft` trains and what `toolkit
+    validate` reports."""
+    recipe, plan = plan_for(prepared)
+    if plan is None and prepared.lengths:
+        plan = estimate(recipe, prepared.model_config, prepared.lengths, prepared.precision, *image_load(prepared))
+    return recipe, plan
+
+
+def plan_note(plan: Plan, recipe) -> str:
+    """One line: the estimated peak, and where checkpointed layers keep their inputs."""
+    parts = [f"est. peak {plan.peak_gib():.1f} GiB GPU (weights {plan.weights_gib:.1f}) for {plan.batch_size} rows "
+             f"as long as the longest; train.memory_budget_gib={plan.budget_gib:g}"]
+    mode = recipe.train.gradient_checkpointing
+    if mode:
+        layers = "all" if plan.checkpoint_layers is None else str(plan.checkpoint_layers)
+        parts.append(f"checkpointed layers: {layers}")
+    if mode == "offload":
+        parts.append(f"{plan.host_gib():.1f} GiB of layer inputs in host memory")
+    return "; ".join(parts)

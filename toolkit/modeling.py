@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from toolkit import builtin, vision_tower
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 from toolkit.translate import Accelerator, base_dtype, to_bnb_config
 
 QUICKSTART_HINT = "to try the toolkit offline, run: toolkit sft recipes/quickstart.yaml"
@@ -76,7 +76,7 @@ def load_config(name: str, revision: str | None = None):
     try:
         return AutoConfig.from_pretrained(location, revision=revision)
     except (OSError, ValueError) as err:
-        raise ToolkitError(unreachable_message(name, str(err).splitlines()[0])) from None
+        raise ToolkitError(unreachable_message(name, first_line(err))) from None
 
 
 def is_vision_config(config) -> bool:
@@ -139,9 +139,20 @@ def load_model(recipe, precision: str, device: Accelerator, quantize: bool = Tru
     try:
         model = model_class(config).from_pretrained(model_location(recipe.model.name), **kwargs)
     except ImportError as err:
-        raise ToolkitError(f"cannot load '{recipe.model.name}': {str(err).splitlines()[0]}") from None
+        raise ToolkitError(f"cannot load '{recipe.model.name}': {first_line(err)}") from None
     vision_tower.prepare(model, recipe.data.vision_tiles, recipe.model.attn_implementation)
     return model
+
+
+def quantized(name: str, skip_modules) -> bool:
+    """Whether the loader quantizes the linear layer `name`: unless `skip_modules` (a list replaces transformers'
+    default of keeping `lm_head`) matches it from its start, as a regex, or as its end."""
+    skip = list(skip_modules) if skip_modules else ["lm_head"]
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:  # a transformers without this rule: match by the end of the name
+        return not name.endswith(tuple(skip))
+    return should_convert_module(name, skip)
 
 
 def check_skip_modules(quantization, model) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 from toolkit.formatters import FORMATTERS
 
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe inside a run directory
@@ -161,7 +161,15 @@ class TrainSection(Section):
     max_seq_length: int = Field(512, ge=8, le=1_048_576, description="Longest row in tokens (see data.too_long).")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for init, shuffling and dropout.")
     precision: Precision = Field("auto", description="auto: bf16 where the GPU supports it, fp16 otherwise, fp32 on CPU.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (slower).")
+    gradient_checkpointing: bool | Literal["offload"] = Field(
+        False, description="Recompute activations to save memory (slower); offload: also keep each checkpointed "
+        "layer's input in host memory, copied while the GPU computes (toolkit.activations).")
+    checkpoint_layers: int | Literal["all", "auto"] = Field(
+        "all", description="With gradient checkpointing: how many self-attention decoder layers are checkpointed "
+        "(spread evenly; the others keep their activations and skip the recomputation); auto: the fewest that fit "
+        "train.memory_budget_gib.")
+    compile: bool = Field(False, description="torch.compile each self-attention decoder layer (one compiled block "
+                          "reused across layers, dynamic lengths, cached under the toolkit cache; GPU).")
     group_by_length: bool = Field(False, description="Batch rows of similar length together (less padding).")
     liger_kernel: bool = Field(False, description="Use Liger's fused kernels (GPU, needs liger-kernel).")
     fused_lora: bool = Field(True, description="Run each LoRA layer as one autograd function that keeps only "
@@ -196,6 +204,20 @@ class TrainSection(Section):
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 65_536):
             raise ValueError(f"give a number of rows from 1 to 65536, or auto (got {value!r})")
         return value
+
+    @field_validator("checkpoint_layers", mode="before")
+    @classmethod
+    def _layer_count(cls, value):
+        if value not in ("all", "auto") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"give a number of layers (0 or more), all or auto (got {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _layers_need_checkpointing(self) -> "TrainSection":
+        if self.checkpoint_layers != "all" and not self.gradient_checkpointing:
+            raise ValueError(f"checkpoint_layers={self.checkpoint_layers} needs gradient_checkpointing: true or "
+                             "offload")
+        return self
 
     @field_validator("optim")
     @classmethod
@@ -344,7 +366,7 @@ def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:
 def yaml_problem(err: yaml.YAMLError) -> str:
     """One line: what is wrong and where (PyYAML's own message spans several lines with a caret drawing)."""
     mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    problem = getattr(err, "problem", None) or first_line(err)
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolkit import builtin, distributed, files, modeling
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 from toolkit.recipe import RECIPE_FILE, load_recipe, save_recipe
 from toolkit.report import write_json
 
@@ -85,7 +85,7 @@ def adapter_file_problem(path: Path) -> str | None:
     except FileNotFoundError:
         return f"{path.name} is missing"
     except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
-        return f"{path.name} is not a readable safetensors file ({str(err).splitlines()[0][:120]})"
+        return f"{path.name} is not a readable safetensors file ({first_line(err, 120)})"
     return None
 
 
@@ -218,6 +218,12 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def passes_per_epoch(train) -> int:
+    """Passes over the rows in one of the Trainer's epochs: with group_by_length every pass is laid out in one
+    dataset the Trainer reads once (toolkit.batching), so its epoch counter counts all of them as one."""
+    return train.epochs if train.group_by_length else 1
+
+
 def run_summary(trainer, prepared, result, seconds: float) -> dict:
     history = trainer.state.log_history
     losses = loss_points(history)
@@ -233,7 +239,7 @@ def run_summary(trainer, prepared, result, seconds: float) -> dict:
         "train_rows_dropped": prepared.train.dropped,
         "eval_rows": len(prepared.eval.rows),
         "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0, 3),
+        "epochs": round((trainer.state.epoch or 0) * passes_per_epoch(prepared.recipe.train), 3),
         "first_loss": losses[0][1] if losses else None,
         "last_loss": losses[-1][1] if losses else None,
         "train_loss": result.training_loss,
@@ -293,7 +299,9 @@ def save_run(trainer, prepared, run_dir: Path, result, seconds: float) -> dict:
         processor.save_pretrained(run_dir)
         prepared.tokenizer.save_pretrained(run_dir)  # the trained tokenizer (pad token set) wins over the base's
     save_recipe(recipe, run_dir / RECIPE_FILE)
-    write_json(run_dir / METRICS_FILE, {"summary": summary, "log_history": trainer.state.log_history})
+    passes = passes_per_epoch(recipe.train)
+    history = [{**e, "epoch": round(e["epoch"] * passes, 4)} if "epoch" in e else e for e in trainer.state.log_history]
+    write_json(run_dir / METRICS_FILE, {"summary": summary, "log_history": history})
     plot_loss(trainer.state.log_history, run_dir / LOSS_PLOT)
     files.write_text_atomic(run_dir / "README.md", run_card(prepared, summary, run_dir))
     files.share_like_plain_files(run_dir)
@@ -363,10 +371,6 @@ def attach_adapter(run_dir: str | Path, recipe, precision: str, device, quantize
                            ) from None
     model.eval()
     return model
-
-
-def first_line(err: BaseException, limit: int = 160) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
 
 
 def run_tokenizer(run_dir: str | Path):

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from toolkit.errors import first_line
+
 BOM = b"\xef\xbb\xbf"
 KINDS_TEXT = ".jsonl, .json, .csv, .parquet, or a folder saved with datasets' save_to_disk"
 ARROW_BATCH_ROWS = 1024  # rows per Arrow batch turned into Python objects at a time
@@ -71,7 +73,7 @@ def parse_json_text(text: str) -> tuple[Any, str | None]:
     except RecursionError:
         return None, "invalid JSON (nested too deeply)"
     except ValueError as err:  # e.g. an integer with more digits than Python converts
-        return None, f"invalid JSON ({str(err).splitlines()[0]})"
+        return None, f"invalid JSON ({first_line(err)})"
     if lone_surrogate(value):
         return None, LONE_SURROGATE
     return value, None
@@ -173,7 +175,7 @@ def decode_element(decoder: json.JSONDecoder, text: str, position: int, line: in
     except RecursionError:
         raise ArrayShapeError("invalid JSON (nested too deeply)", line) from None
     except ValueError as err:  # e.g. an integer with more digits than Python converts
-        raise ArrayShapeError(f"invalid JSON ({str(err).splitlines()[0]})", line) from None
+        raise ArrayShapeError(f"invalid JSON ({first_line(err)})", line) from None
 
 
 def not_an_array(first: str) -> str:
@@ -315,11 +317,6 @@ def arrow_rows(batches, path: Path) -> tuple[list[Record], Problems]:
         which = f"rows after row {number}" if number else "the rows"
         problems.append((number + 1, f"{path}: {which} cannot be read ({first_line(err)})"))
     return records, problems
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
 
 
 def read_parquet(path: Path) -> tuple[list[Record], Problems]:

@@ -12,7 +12,7 @@ import math
 
 from transformers import TrainerCallback
 
-from toolkit import distributed, fastlora, lora, modeling, vision_tower
+from toolkit import activations, compiling, distributed, fastlora, lora, modeling, vision_tower
 from toolkit.report import progress_bar
 from toolkit.translate import to_sft_config
 
@@ -47,16 +47,28 @@ def build_trainer(recipe, *, precision: str, device, tokenizer, train_dataset, o
 
 def run_training(trainer, recipe, precision: str, strategy: str = "ddp", resume_from=None):
     """`trainer.train()` with the adapters set up for mixed precision (see `toolkit.lora.training_casts`) and, as
-    the recipe says, LoRA and 8-bit layers run by `toolkit.fastlora`. Under FSDP and ZeRO-3 the weights those
+    the recipe says, LoRA and 8-bit layers run by `toolkit.fastlora` and checkpointed layers offloaded or chosen by
+    `toolkit.activations`. Under FSDP and ZeRO-3 the weights those
     functions read are sharded, so PEFT's and bitsandbytes' own layers run there; `lora.upcast_inputs` asks for
     PEFT's casting, which only PEFT's layers do."""
     replicated = strategy == "ddp"
+    activations.check_strategy(recipe.train, strategy)
+    checkpointing = activations.callback_for(recipe.train)
+    compiled = compiling.compile_layers(trainer.model) if recipe.train.compile else []
     fused = dict(lora=replicated and recipe.train.fused_lora and not recipe.lora.upcast_inputs,
                  int8_dequantize=replicated and recipe.quantization.int8_matmul == "dequantize")
     with lora.training_casts(trainer.model, precision, recipe.lora.upcast_inputs, strategy), \
             fastlora.fused_layers(trainer.model, **fused) as counts:
         trainer.fused_counts = counts
-        return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        trainer.checkpointing = checkpointing
+        if checkpointing is not None:
+            trainer.add_callback(checkpointing)
+        try:
+            return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        finally:
+            if checkpointing is not None:
+                trainer.remove_callback(checkpointing)
+            compiling.uncompile(compiled)
 
 
 def lean_loss(trainer, model, inputs, num_items_in_batch=None):
@@ -88,6 +100,7 @@ def sft_trainer_class():
 
     class ToolkitSFTTrainer(SFTTrainer):
         token_metrics = True
+        loss_record = None  # a list: every training micro-batch's loss is appended, as a tensor (no device sync)
         shared_batches = None  # micro-batches of row indices dealt to the processes in turn (see get_train_dataloader)
 
         def __init__(self, *args, **kwargs):
@@ -117,8 +130,12 @@ def sft_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             with record_function("toolkit: forward + loss"):
                 if self.lean_loss_applies(return_outputs):
-                    return lean_loss(self, model, inputs, num_items_in_batch)
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                    result = lean_loss(self, model, inputs, num_items_in_batch)
+                else:
+                    result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self.loss_record is not None and self.model.training:
+                self.loss_record.append((result[0] if return_outputs else result).detach().float())
+            return result
 
         def training_step(self, model, inputs, *args, **kwargs):
             self.micro_batch_modalities.append("i" if "pixel_values" in inputs else "t")

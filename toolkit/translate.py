@@ -88,7 +88,7 @@ def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not device.cuda,
-        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing=bool(train.gradient_checkpointing),  # offload is checkpointing too
         max_length=None,
         completion_only_loss=True,
         logging_steps=train.logging_steps,
@@ -105,7 +105,7 @@ def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_
         use_liger_kernel=train.liger_kernel,
         pad_to_multiple_of=8 if precision in ("bf16", "fp16") else None,
     )
-    kwargs.update(strategy_kwargs(strategy, train.gradient_checkpointing))
+    kwargs.update(strategy_kwargs(strategy, bool(train.gradient_checkpointing)))
     if train.group_by_length:
         # The rows arrive already grouped by length, every pass included (toolkit.batching): read them in order.
         kwargs["train_sampling_strategy"] = "sequential"

@@ -18,6 +18,8 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolkit.errors import first_line
+
 IMAGE_TOKEN = "<|image|>"
 
 
@@ -84,7 +86,7 @@ def image_problem(path: Path) -> str | None:
     except Image.DecompressionBombError:
         return f"image {path} has too many pixels to open safely"
     except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt data
-        return f"unreadable image {path} ({str(err).splitlines()[0][:100]})"
+        return f"unreadable image {path} ({first_line(err, 100)})"
     return None
 
 

@@ -24,6 +24,7 @@ import argparse
 import gc
 import json
 import random
+import re
 import statistics
 import tempfile
 import time
@@ -35,7 +36,7 @@ from transformers import TrainerCallback
 
 from toolkit import builtin, memory, modeling, trainer, vision
 from toolkit.batching import length_grouped_order
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 from toolkit.prepare import check_kernels
 from toolkit.recipe import apply_overrides, read_yaml, recipe_from_dict
 from toolkit.report import console, show, write_json
@@ -43,6 +44,7 @@ from toolkit.translate import resolve_precision
 
 FULL_SIZE_CONFIG = "assets/llama-3.2-11b-vision-instruct.config.json"
 RANDOM_WEIGHTS_NAME = "random-llama-3.2-11b-vision"
+MIN_SETUP_S = 30  # under --time-limit, a setup is not started with less time than this left
 SHAPE_RESIDUE = 16  # Triton specializes integer kernel arguments on divisibility by 16
 
 # The original example: 8-bit (bitsandbytes' LLM.int8() matmul), every row padded to 512, batch 2 x 2, gradient
@@ -68,8 +70,11 @@ NAMED_SETUPS = {
 # What a setup ran like before the fast paths: PEFT's layers, LLM.int8() matmuls, TRL's per-step metrics.
 BEFORE_FAST_PATHS = ["train.fused_lora=false", "quantization.int8_matmul=int8", "train.token_metrics=true"]
 
-# Dense bf16 tensor-core peak per GPU (vendor datasheets, FLOP/s), for MFU.
-PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.05e12, "A10": 125e12}
+# Dense bf16 tensor-core peak per GPU (vendor datasheets, FLOP/s), for MFU, by (model, form factor); a form factor
+# of None is the SXM board, which CUDA names without one ("NVIDIA H100 80GB HBM3").
+PEAK_BF16_FLOPS = {("H200", None): 989.4e12, ("H200", "NVL"): 835.5e12,
+                   ("H100", None): 989.4e12, ("H100", "PCIE"): 756.5e12, ("H100", "NVL"): 835.5e12,
+                   ("A100", None): 312e12, ("L40S", None): 362.05e12, ("A10", None): 125e12}
 
 
 # ---- arithmetic (pure, unit-tested on CPU) ----
@@ -91,17 +96,22 @@ def text_params_per_token(text_config) -> int:
     return self_layers * (attention + mlp) + h * text_config.vocab_size
 
 
-def lora_flops_per_token(params: int, recompute: bool) -> float:
+def lora_flops_per_token(params: int, recompute: float) -> float:
     """Forward 2P, backward 2P (input gradients only: frozen weights need no weight gradients), +2P to recompute
-    activations under gradient checkpointing. LoRA's own matmuls and attention scores add well under 1% here."""
-    return (6.0 if recompute else 4.0) * params
+    activations under gradient checkpointing, times the share of layers checkpointed (`recompute`: True or 1.0 for
+    all). LoRA's own matmuls and attention scores add well under 1% here."""
+    return (4.0 + 2.0 * float(recompute)) * params
 
 
 def peak_flops(device_name: str) -> float | None:
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in device_name:
-            return flops
-    return None
+    """The peak of the GPU CUDA calls `device_name`, matched by whole words ("A10" is not "A100" or "A10G"; an H100
+    PCIe is not an SXM H100); None for a GPU not in the table, so MFU is left out rather than wrong."""
+    words = re.split(r"[^A-Z0-9]+", device_name.upper())
+    models = [model for model, _ in PEAK_BF16_FLOPS if model in words]
+    if not models:
+        return None
+    form = next((form for model, form in PEAK_BF16_FLOPS if model == models[0] and form in words), None)
+    return PEAK_BF16_FLOPS[(models[0], form)]
 
 
 def step_tokens(records: list[tuple[int, int]], grad_accum: int) -> list[tuple[int, int]]:
@@ -332,7 +342,8 @@ def with_images(rows: list[dict], image: Path, image_token_id: int) -> list[dict
 
 BENCH_KEYS = {"pad_to": "pad every micro-batch to a multiple of this", "steps": "measured steps of this setup",
               "profile": "1: profile 2 steps after the measured ones",
-              "image_tiles": "give every row one image that fills this many tiles (vision models)"}
+              "image_tiles": "give every row one image that fills this many tiles (vision models)",
+              "timeout": "stop this setup after this many seconds (--isolation process)"}
 
 
 def split_bench_overrides(overrides: list[str]) -> tuple[list[str], dict]:
@@ -342,7 +353,7 @@ def split_bench_overrides(overrides: list[str]) -> tuple[list[str], dict]:
         key, _, value = item.partition("=")
         if key.startswith("bench."):
             name = key.removeprefix("bench.")
-            if name not in BENCH_KEYS or not value.isdigit():
+            if name not in BENCH_KEYS or not value.isdigit() or (name == "timeout" and int(value) == 0):
                 raise ToolkitError(f"{item}: bench keys take a whole number: "
                                    + ", ".join(f"bench.{k} ({v})" for k, v in BENCH_KEYS.items()))
             bench[name] = int(value)
@@ -383,6 +394,12 @@ def predicted_peak_gib(recipe, config, precision: str, longest: int, image_tiles
     return (weights + recipe.train.batch_size * per_row + memory.RESERVE_BYTES) / memory.GIB
 
 
+def predicted_host_gib(recipe, config, precision: str, longest: int) -> float:
+    setup = memory.Setup.from_recipe(recipe, precision)
+    per_token = memory.host_bytes_per_token(config.get_text_config(), setup)
+    return recipe.train.batch_size * longest * per_token / memory.GIB
+
+
 @dataclass
 class Schedule:
     """The batches a setup trains, in order: warm-up replays, the measured batches, then any profiled ones."""
@@ -421,6 +438,7 @@ def memory_fields(device, clock: StepClock, recipe, config, precision: str, plan
         "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device.cuda else None,
         "weights_gib": clock.weights_gib,
         "predicted_peak_gib": predicted_peak_gib(recipe, config, precision, longest, image_tiles),
+        "predicted_host_gib": predicted_host_gib(recipe, config, precision, longest),
         "longest_padded": longest,
     }
 
@@ -468,10 +486,13 @@ def measure(recipe, bench_opts: dict, low: int, high: int, steps: int, warmup: i
                                          callbacks=callbacks, data_collator=collator, **overrides)
         counter = CountingCollator(built.data_collator)
         built.data_collator = counter
+        built.loss_record = []
         if device.cuda:
             torch.cuda.reset_peak_memory_stats()
         trainer.run_training(built, recipe, precision)
-    flops = lora_flops_per_token(text_params_per_token(config.get_text_config()), train.gradient_checkpointing)
+    text_config = config.get_text_config()
+    checkpointed = memory.checkpointed_layers(text_config, memory.Setup.from_recipe(recipe, precision))
+    flops = lora_flops_per_token(text_params_per_token(text_config), checkpointed / memory.text_layers(text_config))
     tokens = step_tokens(counter.records, train.grad_accum)[: warmup + steps]
     times = clock.times[: warmup + steps]
     result = summarize(times, tokens, warmup, flops, peak_flops(device.name))
@@ -479,9 +500,12 @@ def measure(recipe, bench_opts: dict, low: int, high: int, steps: int, warmup: i
         result["images_s"] = train.batch_size * train.grad_accum * steps / sum(times[warmup:])
         result["mfu"] = None  # the FLOP count covers text tokens only; image rows also run the vision tower
     result.update({
-        "batch": train.batch_size, "warmup_steps": warmup,
+        "batch": train.batch_size, "checkpoint_layers": train.checkpoint_layers, "warmup_steps": warmup,
         "warmup_lengths": [plan.padded(plan.batches[b]) for b in plan.replay],
         "step_s": times[warmup:], "step_real_tokens": [real for real, _ in tokens[warmup:]],
+        "warmup_step_s": times[:warmup],
+        "micro_losses": [float(v) for v in torch.stack(built.loss_record).tolist()] if built.loss_record else [],
+        **checkpointing_fields(built, warmup + steps + profile_steps),
         **memory_fields(device, clock, recipe, config, precision, plan, bench_opts.get("image_tiles") or 0),
         "fused_layers": getattr(built, "fused_counts", None),
         "final_loss": next((e["loss"] for e in reversed(built.state.log_history) if "loss" in e), None),
@@ -495,6 +519,21 @@ def measure(recipe, bench_opts: dict, low: int, high: int, steps: int, warmup: i
     del built
     free_memory()
     return result
+
+
+def checkpointing_fields(built, steps: int) -> dict:
+    """What `toolkit.activations` did: checkpointed layers, and what went through host memory per step."""
+    applied = built.checkpointing.applied if getattr(built, "checkpointing", None) else None
+    if not applied:
+        return {}
+    fields = {"checkpointed_layers": applied["checkpointed"], "text_layers": applied["text_layers"]}
+    hooks = applied["hooks"]
+    if hooks is not None:
+        fields.update({"offloaded_tensors_per_step": hooks.stats["tensors"] / steps,
+                       "offloaded_gib_per_step": hooks.stats["bytes"] / steps / memory.GIB,
+                       "prefetched_share": hooks.stats["prefetched"] / max(hooks.stats["fetched"], 1),
+                       "host_peak_gib": hooks.stats["peak_host_bytes"] / memory.GIB})
+    return fields
 
 
 def free_memory() -> None:
@@ -511,26 +550,42 @@ def measure_safely(*args) -> dict:
         return measure(*args)
     except Exception as err:  # one setup failing must not lose the others' numbers
         free_memory()
-        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+        return {"error": f"{type(err).__name__}: {first_line(err)}"}
 
 
 def child_main(queue, args) -> None:
     queue.put(measure_safely(*args))
 
 
-def measure_isolated(*args) -> dict:
-    """`measure_safely` in a fresh Python process (spawned), so the setup starts from a clean slate."""
+def measure_isolated(*args, limit_s: float | None = None, limit_name: str = "--setup-timeout") -> dict:
+    """`measure_safely` in a fresh Python process (spawned), so the setup starts from a clean slate. A process
+    that dies without a result (killed for memory, a crash in a kernel) or runs past `limit_s` seconds is reported
+    as the setup's error, and the next setup still runs."""
     import multiprocessing
+    import queue as queues
 
     context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=child_main, args=(queue, args))
+    results = context.Queue()
+    process = context.Process(target=child_main, args=(results, args))
     process.start()
-    try:
-        result = queue.get()
-    except Exception as err:
-        result = {"error": f"the setup's process failed: {err}"}
-    process.join()
+    deadline = time.monotonic() + limit_s if limit_s else None
+    result = None
+    while result is None:
+        try:
+            result = results.get(timeout=2)
+        except queues.Empty:
+            if not process.is_alive():
+                try:
+                    result = results.get(timeout=2)
+                except queues.Empty:
+                    result = {"error": f"the setup's process exited with code {process.exitcode} and no result"}
+            elif deadline is not None and time.monotonic() > deadline:
+                process.terminate()
+                result = {"error": f"stopped after {limit_s:.0f} s ({limit_name})"}
+    process.join(30)
+    if process.is_alive():
+        process.kill()
+        process.join()
     if process.exitcode not in (0, None) and "error" not in result:
         result["error"] = f"the setup's process exited with code {process.exitcode}"
     return result
@@ -554,6 +609,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--isolation", choices=("process", "none"), default="process",
                         help="run each setup in its own process (default) or all in this one")
     parser.add_argument("--json", help="write results here (default: bench.json in the current directory)")
+    parser.add_argument("--setup-timeout", type=float, default=None, metavar="SECONDS",
+                        help="stop a setup's process after this long and report it as failed (--isolation process)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="the whole run's wall-clock budget: a setup still running then is stopped (--isolation "
+                             "process), and setups not started are reported as skipped")
+    parser.add_argument("--no-recipe", action="store_true",
+                        help="measure only the --compare setups, not the recipe as it is")
     return parser
 
 
@@ -570,17 +632,45 @@ def main(argv: list[str]) -> int:
     base = read_yaml(Path(args.recipe))
     if args.random_weights:
         base.setdefault("model", {})["name"] = str(random_weights_checkpoint())
-    setups = [parse_setup(text) for text in args.compare] + [("recipe", [])]
+    started = time.monotonic()
+    setups = [parse_setup(text) for text in args.compare] + ([] if args.no_recipe else [("recipe", [])])
+    if not setups:
+        raise ToolkitError("--no-recipe leaves nothing to measure; add --compare setups")
     low, high = parse_lengths(args.lengths)
-    run = measure_isolated if args.isolation == "process" else measure_safely
+    for limit in ("setup_timeout", "time_limit"):
+        if getattr(args, limit) is not None and getattr(args, limit) <= 0:
+            raise ToolkitError(f"--{limit.replace('_', '-')} takes a positive number of seconds")
+    if args.setup_timeout is not None and args.isolation != "process":
+        raise ToolkitError("--setup-timeout needs --isolation process (a setup in this process cannot be stopped)")
+    # every setup is checked before the first one runs: a typo in the last must not cost the others' time
+    planned = [(label, overrides, *setup_recipe(base, overrides + args.overrides, args.recipe))
+               for label, overrides in setups]
+    if args.isolation != "process" and any("timeout" in opts for _, _, _, opts in planned):
+        raise ToolkitError("bench.timeout needs --isolation process (a setup in this process cannot be stopped)")
+    if args.random_weights:
+        base.setdefault("model", {})["name"] = str(random_weights_checkpoint())
+        planned = [(label, overrides, *setup_recipe(base, overrides + args.overrides, args.recipe))
+                   for label, overrides, _, _ in planned]
     results = []
-    for label, overrides in setups:
-        recipe, bench_opts = setup_recipe(base, overrides + args.overrides, args.recipe)
+    for label, overrides, recipe, bench_opts in planned:
         console.print(f"[bold]{label}[/]: {' '.join(overrides + args.overrides) or 'as the recipe says'}")
         result = {"setup": label, "overrides": overrides + args.overrides, "batch": recipe.train.batch_size,
                   "grad_accum": recipe.train.grad_accum, "quantization": recipe.quantization.mode,
-                  "checkpointing": recipe.train.gradient_checkpointing}
-        result.update(run(recipe, bench_opts, low, high, args.steps, args.warmup, args.profile, args.losses))
+                  "checkpointing": recipe.train.gradient_checkpointing,
+                  "checkpoint_layers": recipe.train.checkpoint_layers}
+        left = None if args.time_limit is None else args.time_limit - (time.monotonic() - started)
+        if left is not None and left < MIN_SETUP_S:
+            result["error"] = f"skipped: --time-limit {args.time_limit:g} s reached"
+        elif args.isolation == "process":
+            limits = {name: t for name, t in (("--setup-timeout", args.setup_timeout),
+                                              ("bench.timeout", bench_opts.get("timeout")), ("--time-limit", left))
+                      if t is not None}
+            name = min(limits, key=limits.get) if limits else "--setup-timeout"
+            result.update(measure_isolated(recipe, bench_opts, low, high, args.steps, args.warmup, args.profile,
+                                           args.losses, limit_s=limits.get(name), limit_name=name))
+        else:
+            result.update(measure_safely(recipe, bench_opts, low, high, args.steps, args.warmup, args.profile,
+                                         args.losses))
         results.append(result)
         show_results(results)
         write_json(Path(args.json or "bench.json"), {"lengths": args.lengths, "steps": args.steps,
@@ -600,7 +690,7 @@ def show_results(results: list[dict]) -> None:
         return
     base = done[0]["real_tok_s"]
     rows = [
-        [r["setup"], r["quantization"], f"{r['batch']}x{r['grad_accum']}", "yes" if r["checkpointing"] else "no",
+        [r["setup"], r["quantization"], f"{r['batch']}x{r['grad_accum']}", checkpointing_label(r),
          round(r["real_tok_s"]),
          f"{r['real_tok_s_min']:,.0f} / {r['real_tok_s_median']:,.0f} / {r['real_tok_s_max']:,.0f}",
          f"{r['pad_efficiency']:.0%}", f"{r['median_step_s']:.3f}", f"{r['mfu']:.1%}" if r["mfu"] else "n/a",
@@ -611,6 +701,16 @@ def show_results(results: list[dict]) -> None:
     show("Training speed (measured steps after warm-up)",
          ["setup", "quant", "batch", "ckpt", "real tok/s", "per step min / med / max", "real/padded", "step s",
           "MFU", "peak GiB", "est. GiB", "images/s", "vs first"], rows)
+
+
+def checkpointing_label(result: dict) -> str:
+    """no, yes or offload, and how many layers when not all: `yes 24/32`."""
+    mode = result["checkpointing"]
+    label = "offload" if mode == "offload" else "yes" if mode else "no"
+    if mode and result.get("checkpointed_layers") is not None and \
+            result["checkpointed_layers"] != result.get("text_layers"):
+        label += f" {result['checkpointed_layers']}/{result['text_layers']}"
+    return label
 
 
 def show_profile(label: str, profile: dict) -> None:

@@ -153,6 +153,9 @@ def show_drift(domain: dict, base: dict, kept: retention.Retention, notes: list[
 
 def general_set(recipe, args) -> retention.GeneralSet | None:
     """The general rows for --retention, checked before any model loads (None without --retention)."""
+    if args.retention_data is not None and not args.retention_data.strip():
+        raise ToolkitError("--retention-data is empty; name a general data file, or use --retention for the "
+                           "shipped set")
     if not (args.retention or args.retention_data):
         return None
     path, key = args.retention_data, "--retention-data"
@@ -194,7 +197,7 @@ def show_examples(records: list[dict], compare: bool) -> None:
         table.add_column(name, width=width, overflow="fold")
     for record in records[:EXAMPLES_SHOWN]:
         missing = "n/a" if record["terms_missing"] is None else ", ".join(record["terms_missing"]) or "-"
-        values = [record["input"] or record["instruction"], record["reference"], record["prediction"]]
+        values = [record["input"] or record["instruction"] or record["question"], record["reference"], record["prediction"]]
         values += [record["base_prediction"]] if compare else []
         table.add_row(*[clip(value, width) for value in values + [missing]])
     console.print(table)

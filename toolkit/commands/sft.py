@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from toolkit import data, distributed, files, lora, memory, runs, sampling, trainer, vision
+from toolkit import activations, data, distributed, files, lora, memory, runs, sampling, trainer, vision
 from toolkit.batching import length_grouped_order, shared_modality_batches
 from toolkit.commands.common import add_recipe_arguments, positive_int
 from toolkit.errors import ToolkitError
@@ -165,10 +165,12 @@ def main(argv: list[str]) -> int:
     run_dir = files.expand(args.output_dir or recipe.output_dir)
     recipe = recipe.model_copy(update={"output_dir": str(run_dir)})
     prepared = prepare(recipe)  # recipe, data and targets fail here, before the run directory is touched
-    prepared.recipe, plan = memory.plan_for(prepared)  # train.batch_size: auto becomes a number here
+    activations.check_strategy(recipe.train, args.strategy)
+    auto = {key: getattr(recipe.train, key) == "auto" for key in ("batch_size", "checkpoint_layers")}
+    prepared.recipe, plan = memory.memory_plan(prepared)  # the auto settings become numbers here
     if plan:
-        console.print(f"train.batch_size: auto -> {plan.batch_size} rows (estimated peak "
-                      f"{plan.peak_gib():.1f} GiB of train.memory_budget_gib={plan.budget_gib:g})")
+        resolved = [f"train.{key}: auto -> {getattr(prepared.recipe.train, key)}" for key, on in auto.items() if on]
+        console.print("; ".join(resolved + [f"memory: {memory.plan_note(plan, prepared.recipe)}"]), soft_wrap=True)
     if distributed.world_size() > 1:  # a worker started by launch_workers, which holds the run directory
         resume_from = runs.resumable_checkpoint(run_dir)[0] if args.resume else None
         train_and_save(prepared, run_dir, resume_from, args.strategy)

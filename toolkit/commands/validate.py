@@ -8,6 +8,7 @@ from collections import Counter
 
 from rich.markup import escape
 
+from toolkit import memory
 from toolkit.commands.common import add_recipe_arguments, non_negative_int
 from toolkit.prepare import prepare, show_plan
 from toolkit.preview import show_rows
@@ -24,7 +25,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     prepared = prepare(recipe)
+    prepared.recipe, plan = memory.memory_plan(prepared)
     show_plan(prepared)
+    if plan:
+        console.print(f"memory: {memory.plan_note(plan, prepared.recipe)}", soft_wrap=True)
     if args.show:
         show_rows(prepared, args.show)
     cross = cross_attention_layers(prepared.model_config)

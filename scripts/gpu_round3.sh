@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# One GPU run measuring offloaded and partial checkpointing and regional compilation against today's setups.
+#
+#   OUT=/some/folder bash scripts/gpu_round3.sh
+#
+# Needs: one CUDA GPU with 80 GB or more, the toolkit's GPU dependencies importable (trl, peft, bitsandbytes,
+# liger-kernel, datasets, pydantic; by default from /tmp/site, see ../shared/device/README.md), about 25 GB of disk
+# under TOOLKIT_CACHE (default /tmp/toolkit-cache) for the random-weight 11B checkpoint `toolkit bench
+# --random-weights` builds on first use. Every setup runs in its own process (`toolkit bench`'s default); the whole
+# bench stops at BUDGET_S seconds (default 480), so the script ends within about 8.6 minutes: setups are ordered by
+# importance, and any not reached are listed as skipped. Writes $OUT/round3.json (the bench's JSON),
+# $OUT/summary.json and $OUT/bench.log, and prints a short table last.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the folder the results go to}"
+mkdir -p "$OUT"
+export PYTHONPATH="${SITE:-/tmp/site}:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TOOLKIT_CACHE="${TOOLKIT_CACHE:-/tmp/toolkit-cache}"
+export COLUMNS=220  # rich tables in the log, unwrapped
+BUDGET_S="${BUDGET_S:-480}"
+# A CPU smoke run of this very script (the built-in model, no GPU): RECIPE=a tiny recipe,
+# MODEL_ARGS="--lengths 20:40 --set train.liger_kernel=false", STEPS="--steps 1 --warmup 1", REQUIRE_GPU=0.
+RECIPE="${RECIPE:-recipes/construction.yaml}"
+MODEL_ARGS="${MODEL_ARGS:---random-weights}"
+STEPS="${STEPS:---steps 7 --warmup 3}"
+export REQUIRE_GPU="${REQUIRE_GPU:-1}"
+
+python3 - <<'EOF'
+import importlib.util, os, sys
+gpu = os.environ["REQUIRE_GPU"] == "1"
+needed = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "pydantic") + (("liger_kernel",) if gpu else ())
+missing = [m for m in needed if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"missing packages: {', '.join(missing)} (install the wheels into /tmp/site or set SITE)")
+import torch
+if gpu and not torch.cuda.is_available():
+    sys.exit("no CUDA GPU visible")
+import transformers, trl, peft, bitsandbytes
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+print(f"{name}: torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"trl {trl.__version__}, peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}")
+EOF
+
+B4="quantization.mode=4bit train.batch_size=64"
+BF="quantization.mode=none"
+OFF="train.gradient_checkpointing=offload"
+# 3 warm-up + 7 measured steps by default; the 4-bit and 8-bit pairs run 3 + 17, so that their first 20 losses
+# (warm-up steps included: same batches, same order) can be compared. bf16 pairs compare their first 10.
+LONG="bench.steps=17"
+
+echo "toolkit bench: up to $BUDGET_S s; progress in $OUT/bench.log"
+set +e
+# shellcheck disable=SC2086  # MODEL_ARGS and STEPS are word lists
+python3 -m toolkit bench "$RECIPE" $MODEL_ARGS --no-recipe $STEPS \
+  --time-limit "$BUDGET_S" --setup-timeout 150 --json "$OUT/round3.json" \
+  --compare "4bit-b64-ckpt: $B4 $LONG" \
+  --compare "4bit-b64-offload: $B4 $OFF $LONG" \
+  --compare "8bit-b48-ckpt (construction.yaml): $LONG" \
+  --compare "8bit-b48-offload: $OFF $LONG" \
+  --compare "bf16-b64-ckpt: $BF train.batch_size=64" \
+  --compare "bf16-b64-offload-auto40: $BF train.batch_size=64 $OFF train.checkpoint_layers=auto train.memory_budget_gib=40" \
+  --compare "construction-bf16: $BF train.batch_size=32 train.gradient_checkpointing=false" \
+  --compare "8bit-b96-offload: train.batch_size=96 $OFF bench.profile=1" \
+  --compare "construction-bf16-compile: $BF train.batch_size=32 train.gradient_checkpointing=false train.compile=true bench.timeout=120" \
+  --compare "4bit-b128-offload: quantization.mode=4bit train.batch_size=128 $OFF" \
+  --compare "bf16-b96-offload: $BF train.batch_size=96 $OFF" \
+  --compare "8bit-b128-offload: train.batch_size=128 $OFF" \
+  --compare "4bit-b96-offload: quantization.mode=4bit train.batch_size=96 $OFF" \
+  --compare "bf16-b64-offload: $BF train.batch_size=64 $OFF" \
+  --compare "bf16-b48-offload: $BF train.batch_size=48 $OFF" \
+  --compare "4bit-b64-offload-auto16: $B4 $OFF train.checkpoint_layers=auto train.memory_budget_gib=16" \
+  > "$OUT/bench.log" 2>&1
+code=$?
+set -e
+echo "toolkit bench exited with $code (1: some setup failed or was skipped; see the table)"
+grep -E "failed|Error|error" "$OUT/bench.log" | grep -v "^│" | tail -n 15 || true
+
+python3 - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+results = json.loads((out / "round3.json").read_text())["results"]
+by = {r["setup"].split(" ")[0]: r for r in results}
+# new path -> today's path on the same batches (same batch size, same rows, same order)
+PAIRS = {"4bit-b64-offload": "4bit-b64-ckpt", "8bit-b48-offload": "8bit-b48-ckpt",
+         "bf16-b64-offload-auto40": "bf16-b64-ckpt", "construction-bf16-compile": "construction-bf16",
+         "bf16-b64-offload": "bf16-b64-ckpt", "4bit-b64-offload-auto16": "4bit-b64-ckpt"}
+
+def loss_gap(new, old):
+    same = ("batch", "measured_steps", "warmup_steps", "warmup_lengths")
+    if any(new.get(k) != old.get(k) for k in same):  # then the two did not train the same batches
+        return None, 0
+    a, b = new.get("micro_losses") or [], old.get("micro_losses") or []
+    n = min(len(a), len(b), 20)
+    if not n:
+        return None, 0
+    return max(abs(x - y) / abs(y) for x, y in zip(a[:n], b[:n])), n
+
+rows, summary = [], []
+for r in results:
+    key = r["setup"].split(" ")[0]
+    entry = {"setup": r["setup"], "error": r.get("error")}
+    if "error" not in r:
+        entry.update({k: r.get(k) for k in ("quantization", "batch", "checkpointing", "checkpointed_layers", "text_layers",
+                                            "real_tok_s", "median_step_s", "peak_gib", "predicted_peak_gib",
+                                            "host_peak_gib", "predicted_host_gib", "prefetched_share")})
+        entry["warmup_s"] = sum(r.get("warmup_step_s") or [])
+    if key in PAIRS and PAIRS[key] in by and "error" not in r and "error" not in by[PAIRS[key]]:
+        gap, n = loss_gap(r, by[PAIRS[key]])
+        entry.update({"losses_vs": PAIRS[key], "loss_gap": gap, "losses_compared": n,
+                      "speed_vs": r["real_tok_s"] / by[PAIRS[key]]["real_tok_s"]})
+    summary.append(entry)
+(out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+def f(v, fmt):
+    return "-" if v is None else format(v, fmt)
+
+print()
+print(f"{'setup':34} {'q':5} {'b':>3} {'ckpt':>10} {'tok/s':>7} {'peak':>5} {'est':>5} {'host':>5} {'warm s':>6} "
+      f"{'vs':>16} {'speed':>5} {'loss gap (n)':>13}")
+for e in summary:
+    if e["error"]:
+        print(f"{e['setup'][:34]:34} {e['error'][:110]}")
+        continue
+    ck = e["checkpointing"]
+    ck = "offload" if ck == "offload" else "yes" if ck else "no"
+    if e.get("checkpointed_layers") is not None and e["checkpointed_layers"] != e.get("text_layers"):
+        ck += f" {e['checkpointed_layers']}"
+    gap = f"{e['loss_gap']:.3%} ({e['losses_compared']})" if e.get("loss_gap") is not None else "-"
+    print(f"{e['setup'][:34]:34} {e['quantization']:5} {e['batch']:>3} {ck:>10} {e['real_tok_s']:>7,.0f} "
+          f"{f(e['peak_gib'], '.1f'):>5} {f(e['predicted_peak_gib'], '.1f'):>5} {f(e.get('host_peak_gib'), '.1f'):>5} "
+          f"{e['warmup_s']:>6.1f} {e.get('losses_vs', '-')[:16]:>16} {f(e.get('speed_vs'), '.2f'):>5} {gap:>13}")
+EOF
+exit "$code"
