@@ -281,7 +281,8 @@ BREAKS = [
           "    if False and prepared.recipe.train.eval_steps", ("tests/test_distributed.py",)),
     Break("dropout-p-inverted", "the fused layers drop with probability 1 - p (95% of inputs at p = 0.05)",
           "toolkit/fastlora.py", "    return torch.empty_like(like).bernoulli_(1.0 - p)\n",
-          "    return torch.empty_like(like).bernoulli_(p)\n", ("tests/test_fastlora.py",)),
+          "    return torch.empty_like(like).bernoulli_(p)\n",
+          ("tests/test_fastlora.py", "tests/test_real_model.py")),
     Break("dropout-off-in-training", "lora.dropout is not applied on the fused path",
           "toolkit/fastlora.py", "isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0",
           "False else 0.0", ("tests/test_fastlora.py",)),
@@ -393,12 +394,29 @@ BREAKS = [
     Break("auto-images-uncounted", "batch_size: auto sizes image batches as text batches",
           "toolkit/memory.py", "    if not images:\n        return 0\n", "    if True:\n        return 0\n",
           ("tests/test_memory.py",)),
+    Break("replay-off", "data.replay mixes no general rows into training",
+          "toolkit/replay.py", "    count = replay_count(data_section.replay.share, len(train.rows))\n",
+          "    count = 0\n", ("tests/test_replay.py",)),
+    Break("replay-seed-ignored", "the general rows are drawn in a fresh random order on every run",
+          "toolkit/replay.py", "    rng = random.Random(seed)\n", "    rng = random.Random()\n", ("tests/test_replay.py",)),
+    Break("fused-scale-wrong", "the fused LoRA path adds its product at twice alpha / r",
+          "toolkit/fastlora.py", "        out.addmm_(u, lora_b.to(dtype).t(), alpha=scale)\n",
+          "        out.addmm_(u, lora_b.to(dtype).t(), alpha=2 * scale)\n", ("tests/test_real_model.py",)),
+    Break("loss-halved", "the training loss is half the mean negative log-likelihood",
+          "toolkit/trainer.py", "    loss = -outputs.log_probs.sum() / torch.as_tensor(tokens).clamp(min=1)\n",
+          "    loss = -outputs.log_probs.sum() / torch.as_tensor(tokens).clamp(min=1) / 2\n",
+          ("tests/test_real_model.py",)),
 ]
 
 
 def make_copy(parent: Path, name: str) -> Path:
+    """A copy of the checkout, sharing its converted real model (tests/realmodel.py) instead of building it again."""
     tree = parent / name
     shutil.copytree(ROOT, tree, ignore=IGNORED)
+    real_model = ROOT / ".pytest_cache" / "d" / "real-model"
+    if real_model.is_dir():
+        (tree / ".pytest_cache" / "d").mkdir(parents=True)
+        (tree / ".pytest_cache" / "d" / "real-model").symlink_to(real_model)
     return tree
 
 

@@ -78,3 +78,15 @@ def tiny_run(tmp_path_factory, tiny_data) -> Path:
     run_dir = folder / "out"
     assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 0
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def real_model(request) -> Path:
+    """SmolLM2-135M-Instruct as a Llama-3-format local checkpoint (tests/realmodel.py), converted once into
+    pytest's cache folder and reused by later sessions."""
+    import realmodel
+
+    cache = getattr(request.config, "cache", None)  # absent under `-p no:cacheprovider`: same folder by hand
+    folder = cache.mkdir("real-model") if cache else request.config.rootpath / ".pytest_cache" / "d" / "real-model"
+    folder.mkdir(parents=True, exist_ok=True)
+    return realmodel.ensure_converted(folder)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from toolkit import builtin, data, datastore, files, lora, modeling, trackers, vision
+from toolkit import builtin, data, datastore, files, lora, modeling, replay, trackers, vision
 from toolkit.errors import ToolkitError
 from toolkit.report import console, show
 from toolkit.translate import Accelerator, resolve_precision
@@ -32,6 +32,7 @@ class Prepared:
     lora_modules: list[str] = field(default_factory=list)
     image_spec: vision.ImageSpec | None = None
     image_tiles: dict[str, int] = field(default_factory=dict)  # tiles of content per image path
+    replay: replay.Replay | None = None  # general rows mixed into train (data.replay)
 
     @property
     def train_rows(self) -> list:
@@ -78,11 +79,12 @@ def prepare(recipe, device: Accelerator | None = None) -> Prepared:
     store = datastore.prepare_data(recipe.data, tokenizer, limit)
     train, evals = datastore.split_encodings(store, recipe.data, recipe.train.seed)
     check_rows_left(train, limit, "data.train")
+    train, mixed = replay.mix(train, recipe.data, tokenizer, limit, recipe.train.seed)
     if recipe.train.sample_every is not None:  # toolkit.sampling imports the Trainer, seconds validate need not spend
         from toolkit import sampling
 
         sampling.check_recipe(recipe, evals.rows)
-    prepared = Prepared(recipe, device, precision, tokenizer, model_config, train, evals, store.note)
+    prepared = Prepared(recipe, device, precision, tokenizer, model_config, train, evals, store.note, replay=mixed)
     if train.image_rows or evals.image_rows:
         measure_images(prepared)
     prepared.lora_modules = lora_targets(recipe, model_config)
@@ -242,6 +244,9 @@ def show_plan(p: Prepared) -> None:
         rows.insert(9, ["eval rows too long", length_note(p.eval, limit)])
     if p.image_spec:
         rows.insert(8, ["images", image_note(p)])
+    if p.replay:
+        rows.insert(6, ["replay", f"{p.replay.rows} general rows ({p.replay.distinct} different) from "
+                                  f"{p.replay.source}: {p.replay.rows / len(p.train.rows):.0%} of train rows"])
     show("Plan", ["setting", "value"], rows)
     special = p.train.special_text + p.eval.special_text
     if special:

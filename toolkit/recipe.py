@@ -80,6 +80,20 @@ class LoraSection(Section):
         return value
 
 
+class ReplaySection(Section):
+    share: float = Field(0.0, ge=0, le=0.9, description="Share of the training rows that are general rows mixed in "
+                         "to keep what the model already knew (0: none).")
+    data: str | None = Field(None, description="General rows to mix in, read with data.formatter (default: the "
+                             "general set the toolkit ships).")
+
+    @field_validator("data")
+    @classmethod
+    def _a_file(cls, value):
+        if value is not None and not value.strip():
+            raise ValueError("name a data file, or leave replay.data out for the shipped general set")
+        return value
+
+
 class DataSection(Section):
     train: str | list[str] = Field(description="Training rows: a data file, or a list of files read in order.")
     eval: str | list[str] | None = Field(None, description="Held-out rows: a data file or a list of files.")
@@ -110,6 +124,8 @@ class DataSection(Section):
         "engines run it; filled: only the tiles the batch's images fill (a 1-tile drawing costs about a quarter), "
         "with the padded tiles hidden from the vision attention, which changes the image features slightly "
         "(README: Images).")
+    replay: ReplaySection = Field(ReplaySection(), description="General rows mixed into training (see "
+                                  "toolkit.replay).")
 
     @field_validator("image_workers", mode="before")
     @classmethod

@@ -1,0 +1,157 @@
+"""The toolkit on real pretrained weights: SmolLM2-135M-Instruct converted to Llama 3's format (tests/realmodel.py).
+
+The random built-in model proves the plumbing; these tests prove that the toolkit teaches a real model, that the fused
+LoRA path learns what PEFT's plain path learns on it, and what tuning costs the model's general knowledge. The domain
+is invented (`data/skyloom_terms*.jsonl`: 30 made-up terms of a fictional trade, three training phrasings each, one
+held-out question each in other words), so the base model cannot know it. Numbers and times: docs/real-model.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from toolkit.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+DOMAIN_TRAIN = ROOT / "data" / "skyloom_terms.jsonl"
+DOMAIN_EVAL = ROOT / "data" / "skyloom_terms_eval.jsonl"
+GENERAL = Path(__file__).resolve().parent / "real_general.jsonl"  # questions the converted base answers right
+EVAL_FLAGS = ["--compare-base", "--batch-size", "32", "--max-new-tokens", "32"]
+
+# The learning setting: LoRA r=16 on every linear layer, 4 epochs of the 90 rows (48 steps of 8 rows). Measured with
+# seeds 1 and 2 (docs/real-model.md): held-out domain term accuracy 0.000 -> 0.867 and 0.900; general questions
+# 1.000 -> 0.789 and 0.632. The test runs seed 1.
+LEARNED_AT_LEAST = 0.6  # a clear majority, with room below both seeds
+LEARN = {
+    "lora": {"r": 16, "alpha": 32, "dropout": 0.0,
+             "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+    "train": {"epochs": 4, "batch_size": 8, "learning_rate": 0.002, "logging_steps": 4, "save_steps": 1000,
+              "seed": 1},
+}
+
+
+def real_recipe(folder: Path, model: Path, **sections) -> Path:
+    recipe = {"model": {"name": str(model)}, "data": {"train": str(DOMAIN_TRAIN), "eval": str(DOMAIN_EVAL)},
+              **{name: dict(values) for name, values in LEARN.items()}}
+    for name, values in sections.items():
+        recipe[name] = {**recipe.get(name, {}), **values}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
+def trained(folder: Path, model: Path, name: str, **sections) -> Path:
+    run = folder / name
+    assert main(["sft", str(real_recipe(folder, model, **sections)), "--output-dir", str(run)]) == 0
+    return run
+
+
+def evaluated(run: Path) -> dict:
+    """`toolkit eval` base vs tuned on the held-out domain questions, with `--retention` on the general questions
+    the converted base answers right."""
+    out = run.parent / f"{run.name}-eval.json"
+    assert main(["eval", str(run), *EVAL_FLAGS, "--retention", "--retention-data", str(GENERAL),
+                 "--json", str(out)]) == 0
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def domain_run(tmp_path_factory, real_model) -> dict:
+    """One LoRA run on the invented domain (no replay), and its eval."""
+    run = trained(tmp_path_factory.mktemp("real-run"), real_model, "plain")
+    return {"run": run, "eval": evaluated(run)}
+
+
+def test_converted_tokenizer_puts_llama3_names_on_the_models_own_ids(real_model):
+    from transformers import AutoTokenizer
+
+    from toolkit import modeling
+    from toolkit.encode import encode_prompt
+
+    tokenizer = modeling.load_tokenizer(str(real_model))
+    names = ["<|begin_of_text|>", "<|start_header_id|>", "<|eot_id|>", "<|end_header_id|>",
+             "<|finetune_right_pad_id|>"]
+    assert tokenizer.convert_tokens_to_ids(names) == [0, 1, 2, 3, 4]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 2, 4)
+    prompt = encode_prompt([{"role": "user", "content": "What is a fennet?"}], tokenizer, "26 Jul 2024")
+    newline_pair = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    question = tokenizer("What is a fennet?", add_special_tokens=False)["input_ids"]
+    user, assistant = (tokenizer(role, add_special_tokens=False)["input_ids"] for role in ("user", "assistant"))
+    assert prompt.input_ids == [0, 1, *user, 3, *newline_pair, *question, 2, 1, *assistant, 3, *newline_pair]
+    # the original GGUF tokenizer gives the same ids for the same text (the vocabulary itself is unchanged)
+    assert AutoTokenizer.from_pretrained(real_model)("What is a fennet?", add_special_tokens=False)["input_ids"] \
+        == question
+
+
+def test_converted_model_reads_end_header_as_newline_and_predicts_as_before(real_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(real_model)
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert model.config.tie_word_embeddings is False and embedding.data_ptr() != head.data_ptr()
+    assert embedding.dtype == torch.float32
+    newline = 198  # "\n" in SmolLM2's vocabulary
+    assert torch.equal(embedding[3], embedding[newline])  # <|end_header_id|> reads as a newline
+    others = torch.ones(len(embedding), dtype=torch.bool)
+    others[3] = False
+    assert torch.equal(head[others], embedding[others])  # every other row is the tied original
+    assert not torch.equal(head[3], embedding[3])  # the head keeps <repo_name>'s row: it predicts as before
+
+
+def test_validate_accepts_the_converted_model(tmp_path, real_model, capsys):
+    assert main(["validate", str(real_recipe(tmp_path, real_model))]) == 0
+    out = capsys.readouterr().out
+    assert "is valid; LoRA wraps 210 modules (90 mlp, 120 self-attention)" in " ".join(out.split())
+
+
+def test_converted_base_answers_general_questions(domain_run, capsys):
+    general = domain_run["eval"]["retention"]
+    assert general["n_examples"] == 19 and general["base"]["term_accuracy"] == 1.0
+    capsys.readouterr()
+    assert main(["generate", str(domain_run["run"]), "What is the capital of France?", "--base",
+                 "--max-new-tokens", "16"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_lora_teaches_the_real_model_the_invented_domain(domain_run):
+    domain = domain_run["eval"]
+    assert domain["n_examples"] == 30
+    assert domain["base"]["term_accuracy"] == 0.0
+    assert domain["term_accuracy"] >= LEARNED_AT_LEAST
+
+
+def test_retention_shows_what_tuning_cost_on_real_weights(domain_run):
+    """Unlike the random built-in model, a real base has general answers to lose: measured 1.000 -> 0.789 (seed 1;
+    0.632 with seed 2) with 1.59 nats of KL(tuned || base) per reference token."""
+    general = domain_run["eval"]["retention"]
+    assert general["tuned"]["term_accuracy"] <= 0.9 and general["kl_per_token"] > 0.5
+
+
+def first_losses(folder: Path, model: Path, fused: bool, dropout: float) -> list[float]:
+    """The 20 logged losses of a short run (the same rows in the same order whatever the path)."""
+    run = folder / f"{'fused' if fused else 'plain'}-{dropout}"
+    recipe = real_recipe(folder, model, lora={"dropout": dropout},
+                         train={"max_steps": 20, "batch_size": 2, "logging_steps": 1, "fused_lora": fused})
+    assert main(["sft", str(recipe), "--output-dir", str(run)]) == 0
+    history = json.loads((run / "metrics.json").read_text(encoding="utf-8"))["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_and_plain_lora_learn_the_same_on_real_weights(tmp_path, real_model, dropout):
+    """The first 20 losses of the fused LoRA path and PEFT's own layers agree within 1%, with dropout too (measured:
+    at most 0.0001% apart either way; 103% apart with the fused path's dropout inverted)."""
+    plain = first_losses(tmp_path, real_model, fused=False, dropout=dropout)
+    fused = first_losses(tmp_path, real_model, fused=True, dropout=dropout)
+    assert len(plain) == len(fused) == 20
+    # The first step is the base model's loss on the first two rows (the adapters start at zero): a real model's
+    # mean negative log-likelihood of the answers, measured 4.9921; a loss scaled or masked wrong moves it.
+    assert plain[0] == pytest.approx(4.9921, abs=0.01) and fused[0] == pytest.approx(4.9921, abs=0.01)
+    assert plain[-1] < 0.7 * plain[0]  # it learns, so a path that learned differently would drift apart
+    gaps = [abs(f - p) / p for f, p in zip(fused, plain)]
+    assert max(gaps) < 0.01, [f"{g:.2%}" for g in gaps]
