@@ -47,8 +47,12 @@ def noisy_inputs(tmp_path_factory, tiny_data) -> dict:
     images = {**base, "data": {"train": [str(folder / "train.jsonl"), str(folder / "images.jsonl")]}}
     (folder / "text.yaml").write_text(yaml.safe_dump(text, allow_unicode=True), encoding="utf-8")
     (folder / "images.yaml").write_text(yaml.safe_dump(images, allow_unicode=True), encoding="utf-8")
+    # LoRA targets are remembered per lora section: another rank makes validate --debug check them on a meta model
+    # again, which loads bitsandbytes and its kernels-hub line, whatever the other commands cached
+    debug = {**images, "lora": {**base["lora"], "r": 5}}
+    (folder / "debug.yaml").write_text(yaml.safe_dump(debug, allow_unicode=True), encoding="utf-8")
     return {"folder": folder, "text": folder / "text.yaml", "images": folder / "images.yaml",
-            "train": folder / "train.jsonl"}
+            "debug": folder / "debug.yaml", "train": folder / "train.jsonl"}
 
 
 def commands(inputs: dict, run_dir: Path) -> dict[str, tuple[list[str], str]]:
@@ -56,7 +60,7 @@ def commands(inputs: dict, run_dir: Path) -> dict[str, tuple[list[str], str]]:
     folder = inputs["folder"]
     return {
         "validate": (["validate", str(inputs["images"])], "Plan"),
-        "sft": (["sft", str(inputs["text"]), "--output-dir", str(folder / "run")], "Plan"),
+        "sft": (["sft", str(inputs["text"]), "--output-dir", str(folder / "run")], "memory: est. peak"),
         "eval": (["eval", str(run_dir), "--limit", "1", "--max-new-tokens", "2", "--json", str(folder / "e.json")],
                  "tuned "),
         "extract": (["extract", str(run_dir), "--output", str(folder / "a.safetensors")], "Adapter extracted"),
@@ -75,7 +79,7 @@ def outputs(noisy_inputs, tiny_run) -> dict:
     """Every command's exit code and output lines, and `validate --debug`'s, two processes at a time."""
     planned = commands(noisy_inputs, tiny_run)
     argvs = {name: args for name, (args, _) in planned.items()}
-    argvs["validate --debug"] = ["--debug", "validate", str(noisy_inputs["images"])]
+    argvs["validate --debug"] = ["--debug", "validate", str(noisy_inputs["debug"])]
     with ThreadPoolExecutor(max_workers=2) as pool:
         done = pool.map(lambda args: toolkit(args, noisy_inputs["folder"]), argvs.values())
         return {"planned": planned, **dict(zip(argvs, done))}
@@ -94,8 +98,8 @@ def test_every_command_prints_the_toolkits_own_line_first_and_no_dependency_nois
 
 
 def test_debug_still_shows_the_dependency_noise(outputs):
+    """The kernels-hub line is the noise validate still meets: rows are encoded through the tokenizer's batch path,
+    which never calls the method that warns about long rows, and images are opened below PIL's warning."""
     code, lines = outputs["validate --debug"]
     assert code == 0
-    shown = "\n".join(lines)
-    assert "Skipping publisher trust check" in shown and "Token indices sequence length" in shown
-    assert "DecompressionBombWarning" in shown
+    assert "Skipping publisher trust check" in "\n".join(lines)
