@@ -343,9 +343,10 @@ def image_load(prepared) -> tuple[int, int]:
     images = prepared.train.max_images
     tile_slots = 0
     if images:
-        spec = prepared.image_spec
-        tile_slots = spec.model_max_tiles if prepared.recipe.data.vision_tiles == "padded" else \
-            max(prepared.image_tiles.values(), default=1)
+        from toolkit import vision
+
+        tile_slots = vision.tile_slots(prepared.recipe.data.vision_tiles, prepared.image_spec.model_max_tiles,
+                                       max(prepared.image_tiles.values(), default=1))
     return images, tile_slots
 
 

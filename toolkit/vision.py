@@ -121,12 +121,15 @@ def process_image(image, image_processor, spec: ImageSpec) -> tuple:
     return features["pixel_values"][0, 0, :tiles], aspect_id
 
 
+def tile_slots(tiling: str, model_max_tiles: int, largest_filled: int) -> int:
+    """Tile slots an image runs as under `data.vision_tiles`: the model's count ("padded", what transformers and
+    serving engines run), or the most tiles an image of the batch fills ("filled", see `toolkit.vision_tower`)."""
+    return model_max_tiles if tiling == "padded" else max(largest_filled, 1)
+
+
 def tiles_per_batch(num_tiles: list[list[int]], spec: ImageSpec, tiling: str) -> int:
-    """Tile slots per image in a batch: the model's count ("padded", what transformers and serving engines run), or
-    the largest count an image of this batch fills ("filled", see `toolkit.vision_tower`)."""
-    if tiling == "padded":
-        return spec.model_max_tiles
-    return max((n for row in num_tiles for n in row), default=1)
+    """Tile slots per image in a batch of images filling `num_tiles`."""
+    return tile_slots(tiling, spec.model_max_tiles, max((n for row in num_tiles for n in row), default=1))
 
 
 def image_features(image_lists: list[list], image_processor, spec: ImageSpec,

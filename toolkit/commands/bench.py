@@ -396,7 +396,7 @@ def predicted_peak_gib(recipe, config, precision: str, longest: int, image_tiles
     weights = memory.weight_bytes(modeling.meta_model(config), setup)
     per_row = longest * memory.activation_bytes_per_token(text, setup)
     if image_tiles:
-        slots = config.vision_config.max_num_tiles if recipe.data.vision_tiles == "padded" else image_tiles
+        slots = vision.tile_slots(recipe.data.vision_tiles, config.vision_config.max_num_tiles, image_tiles)
         per_row += memory.image_row_bytes(config, setup, longest, 1, slots)
     return (weights + recipe.train.batch_size * per_row + memory.RESERVE_BYTES) / memory.GIB
 
