@@ -73,6 +73,23 @@ def test_split_attention_gives_the_native_logits_for_every_tile_count(images):
     assert (other_image - native[:1]).abs().max() > 1e-3  # the image changes the logits: the check can fail
 
 
+def test_the_split_attention_plans_once_per_forward_and_afresh_for_the_next_batch(images, monkeypatch):
+    """Planned in every encoder layer on the GPU, the split cost more than the attention (a row-wise unique and
+    a dozen syncs per layer); the plan is made once per forward, and never reused for another batch's mask."""
+    vision_tower.register_attention()
+    model = four_tile_model()
+    plans, unique = [], torch.unique
+    monkeypatch.setattr(torch, "unique", lambda *a, **k: plans.append(1) or unique(*a, **k))
+    assert model.config.vision_config.num_hidden_layers + model.config.vision_config.num_global_layers == 3
+    first = inputs(list(images.values()))
+    run(model, first, vision_tower.ATTENTION["padded"])
+    assert len(plans) == 1
+    second = inputs([images["four tiles"], images["one tile"]])
+    split = run(model, second, vision_tower.ATTENTION["padded"])
+    assert len(plans) == 2
+    assert (split - run(model, second, "sdpa")).abs().max() < 1e-6
+
+
 IMAGE_FIRST = (IMAGE_ID, 5, 6, 7, 8)  # every token reads the image
 
 
