@@ -69,10 +69,10 @@ def domain_run(tmp_path_factory, real_model) -> dict:
 def test_converted_tokenizer_puts_llama3_names_on_the_models_own_ids(real_model):
     from transformers import AutoTokenizer
 
-    from toolkit import modeling
-    from toolkit.encode import encode_prompt
+    from toolkit.data.encode import encode_prompt
+    from toolkit.model import loading
 
-    tokenizer = modeling.load_tokenizer(str(real_model))
+    tokenizer = loading.load_tokenizer(str(real_model))
     names = ["<|begin_of_text|>", "<|start_header_id|>", "<|eot_id|>", "<|end_header_id|>",
              "<|finetune_right_pad_id|>"]
     assert tokenizer.convert_tokens_to_ids(names) == [0, 1, 2, 3, 4]
