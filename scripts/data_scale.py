@@ -82,9 +82,9 @@ DATASETS_WAY = r"""
 import sys, time
 started = time.monotonic()
 from datasets import load_dataset
-from toolkit import modeling
+from toolkit.model import loading
 path, num_proc = sys.argv[1], int(sys.argv[2])
-tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
+tokenizer = loading.load_tokenizer("builtin:tiny-mllama")
 def render(batch):
     texts = []
     for ins, inp, out in zip(batch["instruction"], batch["input"], batch["output"]):

@@ -9,7 +9,7 @@ set -uo pipefail
 work=${WORK:-/tmp/image-path}
 mkdir -p "$work"
 checkpoint=${CHECKPOINT:-}
-[ -n "$checkpoint" ] || checkpoint=$(python -c "from toolkit.commands.bench import random_weights_checkpoint as r; print(r())" | tail -n 1)
+[ -n "$checkpoint" ] || checkpoint=$(python -c "from toolkit.bench.harness import random_weights_checkpoint as r; print(r())" | tail -n 1)
 quiet() { grep -v "Loading weights\|Writing model\|it/s\]$"; }
 for recipe in ${RECIPES:-construction-images construction-images-8bit}; do
   run="$work/$recipe"

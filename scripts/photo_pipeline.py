@@ -7,9 +7,9 @@ Self-contained: writes its own phone-sized JPEGs (photo-like content, quality 90
 (transformers' PIL Mllama processor: four tiles of 560 px):
 
 - a batch of --images photos the way the toolkit used to read them (each decoded at full size, the batch held
-  in memory, then the processor) against `toolkit.photos.open_photo` (decoded at the processor's size): wall time
+  in memory, then the processor) against `toolkit.data.photos.open_photo` (decoded at the processor's size): wall time
   and peak memory, each in a fresh process;
-- the input pipeline alone (`toolkit.vision.VisionCollator` in a torch DataLoader, micro-batches of 4 rows) with
+- the input pipeline alone (`toolkit.data.vision.VisionCollator` in a torch DataLoader, micro-batches of 4 rows) with
   the batches built in the training process and in `data.image_workers: auto` worker processes: images per second.
 
 It prints one table and needs no model weights and no GPU. It runs from the repository root (PYTHONPATH=.).
@@ -32,13 +32,13 @@ ROWS_PER_BATCH = 4
 
 
 def spec():
-    from toolkit.vision import ImageSpec
+    from toolkit.data.vision import ImageSpec
 
     return ImageSpec(tile_size=560, model_max_tiles=4, max_tiles=4, patches_per_tile=1601)
 
 
 def processor():
-    from toolkit.vision import mllama_helpers
+    from toolkit.data.vision import mllama_helpers
 
     module, _, _ = mllama_helpers()
     return module.MllamaImageProcessorPil(size={"height": 560, "width": 560}, max_image_tiles=4,
@@ -89,8 +89,8 @@ def batch_in_this_process(way: str, paths: list[str]) -> dict:
 
     from PIL import Image
 
-    from toolkit import photos
-    from toolkit.vision import image_features
+    from toolkit.data import photos
+    from toolkit.data.vision import image_features
 
     image_processor, image_spec = processor(), spec()
     before = rss_mib()
@@ -123,7 +123,7 @@ def pipeline_rate(paths: list[Path], workers: int, rounds: int) -> float:
     """Images per second of the input pipeline alone: DataLoader + VisionCollator over the photos."""
     import torch
 
-    from toolkit.vision import ImageInputs, VisionCollator
+    from toolkit.data.vision import ImageInputs, VisionCollator
 
     collator = VisionCollator(ImageInputs(processor(), spec(), IMAGE_TOKEN_ID), pad_token_id=0)
     rows = [{"input_ids": [128000, IMAGE_TOKEN_ID, 791, 2217], "completion_mask": [0, 0, 1, 1],
@@ -148,7 +148,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from toolkit.photos import loader_workers
+    from toolkit.data.photos import loader_workers
 
     width, height = (int(v) for v in args.size.lower().split("x"))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -161,22 +161,24 @@ def own_replay_answers(model_path: Path, max_new_tokens: int = 96, cut_answers: 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from toolkit import data, generation, modeling, replay
-    from toolkit.recipe import recipe_from_dict
+    from toolkit.config.recipe import recipe_from_dict
+    from toolkit.data import encode, replay
+    from toolkit.evaluation import generation
+    from toolkit.model import loading
 
     recipe = recipe_from_dict({"model": {"name": str(model_path)}, "data": {"train": "unused.jsonl"}})
     rows, section, _ = replay.general_rows(recipe.data)  # the shipped set, read as training reads it
     hangul = re.compile("[\uac00-\ud7a3]")
     asked = [row for row in rows if not hangul.search(json.dumps(row.fields, ensure_ascii=False))
              and (questions is None or row.fields["instruction"] in questions)]
-    tokenizer = modeling.load_tokenizer(str(model_path))
+    tokenizer = loading.load_tokenizer(str(model_path))
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     stops = generation.stop_token_ids(model, tokenizer)
     written: list[dict] = []
     ended = 0
     for start in range(0, len(asked), batch_size):
         chunk = asked[start : start + batch_size]
-        inputs = generation.prompt_batch(tokenizer, [data.prompt(row, section, tokenizer) for row in chunk],
+        inputs = generation.prompt_batch(tokenizer, [encode.prompt(row, section, tokenizer) for row in chunk],
                                          model.device)
         with torch.inference_mode():
             output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops,

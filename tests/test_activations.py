@@ -1,4 +1,4 @@
-"""Offloaded and partial gradient checkpointing (toolkit.activations), regional compilation (toolkit.compiling), and
+"""Offloaded and partial gradient checkpointing (toolkit.training.activations), regional compilation (toolkit.training.compiling), and
 what the memory plan, validate and bench say about them."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from tests.conftest import tiny_recipe
-from toolkit import activations, fastlora, lora, memory, modeling
 from toolkit.cli import main
+from toolkit.config.recipe import LoraSection, TrainSection
 from toolkit.errors import ToolkitError
-from toolkit.recipe import LoraSection, TrainSection
+from toolkit.model import fastlora, loading, lora
+from toolkit.training import activations, memory
 
 IDS = torch.arange(48).reshape(2, 24) * 7 % 900
 
@@ -22,9 +23,9 @@ def tiny_peft_model():
     non-zero so every adapter shapes the loss and every gradient."""
     from peft import get_peft_model
 
-    config = modeling.load_config("builtin:tiny-mllama")
+    config = loading.load_config("builtin:tiny-mllama")
     torch.manual_seed(0)
-    model = get_peft_model(modeling.model_class(config).from_config(config),
+    model = get_peft_model(loading.model_class(config).from_config(config),
                            lora.to_lora_config(LoraSection(dropout=0.1)))
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -113,10 +114,10 @@ def test_refusals():
 
 @pytest.fixture(scope="module")
 def full_size():
-    from toolkit.commands.bench import full_size_config
+    from toolkit.bench.harness import full_size_config
 
     config = full_size_config()
-    return modeling.meta_model(config), config.get_text_config()
+    return loading.meta_model(config), config.get_text_config()
 
 
 def test_offload_keeps_two_layer_inputs_on_the_gpu_and_the_rest_in_host_memory(full_size):
@@ -198,7 +199,7 @@ def test_compile_is_regional_and_undone(tmp_path, monkeypatch):
     """Each self-attention layer gets its own compiled call (Dynamo's tracing is too slow for this suite on a CPU:
     the losses of compiled layers are compared on the GPU, scripts/gpu_round3.sh); nothing else is compiled, and
     `uncompile` restores the eager layers."""
-    from toolkit import compiling
+    from toolkit.training import compiling
 
     monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)

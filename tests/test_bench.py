@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from toolkit.commands.bench import (
+from toolkit.bench.harness import (
     full_size_config,
     lora_flops_per_token,
     parse_setup,

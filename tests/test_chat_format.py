@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from toolkit import builtin, data, modeling
-from toolkit.recipe import DataSection
+from toolkit.config.recipe import DataSection
+from toolkit.data import encode, reading
+from toolkit.model import builtin, loading
 
 USER = "다음 건설 용어를 설명하세요.\n\n거푸집"
 ANSWER = "콘크리트를 타설할 때 형상을 유지하는 임시 구조물입니다."
@@ -26,7 +27,7 @@ IMAGE_ROW = (
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return modeling.load_tokenizer("builtin:tiny-mllama")
+    return loading.load_tokenizer("builtin:tiny-mllama")
 
 
 def render(tokenizer, messages, **kwargs):
@@ -66,7 +67,7 @@ def test_special_tokens_and_pad(tokenizer):
 
 def encoded_row(tokenizer, fields, **section):
     data_section = DataSection(train="t.jsonl", **section)
-    return data.encode_rows([data.Row("t.jsonl", 1, fields)], data_section, tokenizer, limit=4096).examples[0]
+    return encode.encode_rows([reading.Row("t.jsonl", 1, fields)], data_section, tokenizer, limit=4096).examples[0]
 
 
 ROW = {"instruction": "다음 건설 용어를 설명하세요.", "input": "거푸집", "output": ANSWER}
@@ -93,9 +94,9 @@ def test_trl_masks_labels_from_the_completion_mask(tokenizer, tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     example = encoded_row(tokenizer, ROW)
-    model = modeling.load_model(modeling_recipe(), "fp32", modeling.detect_accelerator())
+    model = loading.load_model(modeling_recipe(), "fp32", loading.detect_accelerator())
     args = SFTConfig(output_dir=str(tmp_path), report_to="none", completion_only_loss=True, use_cpu=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data.to_dataset([example]), processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=encode.to_dataset([example]), processing_class=tokenizer)
     batch = trainer.data_collator([trainer.train_dataset[0]])
     labels = batch["labels"][0].tolist()
     assert batch["input_ids"][0].tolist() == example.input_ids
@@ -117,12 +118,12 @@ def test_special_token_text_in_a_row_stays_text(tokenizer):
 
 def test_prompt_ids_end_where_the_answer_starts(tokenizer):
     section = DataSection(train="t.jsonl")
-    prompt = data.prompt_ids(data.Row("t.jsonl", 1, ROW), section, tokenizer)
+    prompt = encode.prompt_ids(reading.Row("t.jsonl", 1, ROW), section, tokenizer)
     example = encoded_row(tokenizer, ROW)
     assert prompt == example.input_ids[: example.completion_mask.index(1)]
 
 
 def modeling_recipe():
-    from toolkit.recipe import recipe_from_dict
+    from toolkit.config.recipe import recipe_from_dict
 
     return recipe_from_dict({"model": {"name": "builtin:tiny-mllama"}, "data": {"train": "t.jsonl"}})

@@ -13,11 +13,12 @@ import warnings
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_recipe
-from toolkit import cli, files
+
+from toolkit import cli
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
+from toolkit.io import files
 
 
 def output(capsys) -> tuple[str, str]:
@@ -302,14 +303,15 @@ def test_ctrl_c_once_the_merged_model_is_moving_into_place_finishes_with_0(tiny_
     import signal
 
     from toolkit.commands import merge
+    from toolkit.export import merging
 
-    original = merge.put_in_place
+    original = merging.put_in_place
 
     def interrupted(staging, out, overwrite):
         original(staging, out, overwrite)
         os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C just as the model lands
 
-    monkeypatch.setattr(merge, "put_in_place", interrupted)
+    monkeypatch.setattr(merging, "put_in_place", interrupted)
     out = tmp_path / "merged"
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores it)
     try:
@@ -353,8 +355,9 @@ def test_a_library_error_without_a_message_stays_one_line(monkeypatch):
     import peft
     from transformers import AutoTokenizer
 
-    from toolkit import builtin, encode, lora
-    from toolkit.recipe import LoraSection
+    from toolkit.config.recipe import LoraSection
+    from toolkit.data import encode
+    from toolkit.model import builtin, lora
 
     def refuse(*args, **kwargs):
         raise ValueError("")

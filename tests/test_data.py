@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
-
 from conftest import term_rows, tiny_recipe, write_jsonl
+
 from toolkit.cli import main
-from toolkit.data import parse_rows, percentiles, split_rows
-from toolkit.recipe import DataSection
+from toolkit.config.recipe import DataSection
+from toolkit.data.encode import percentiles
+from toolkit.data.reading import parse_rows, split_rows
 
 ALPACA = DataSection(train="t.jsonl")
 
@@ -83,12 +84,13 @@ def test_hold_out_split_is_deterministic(tmp_path):
 
 
 def encode_term_rows(limit: int, too_long: str = "truncate"):
-    from toolkit import modeling
-    from toolkit.data import Row, encode_rows
-    from toolkit.recipe import DataSection
+    from toolkit.config.recipe import DataSection
+    from toolkit.data.encode import encode_rows
+    from toolkit.data.reading import Row
+    from toolkit.model import loading
 
     rows = [Row("t.jsonl", i + 1, fields) for i, fields in enumerate(term_rows())]
-    tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
+    tokenizer = loading.load_tokenizer("builtin:tiny-mllama")
     return encode_rows(rows, DataSection(train="t.jsonl", too_long=too_long), tokenizer, limit)
 
 
@@ -141,7 +143,7 @@ def test_hostile_json_is_a_problem_with_its_line_never_a_crash(tmp_path):
 
 
 def test_a_glossary_that_is_not_utf8_is_one_line(tmp_path):
-    from toolkit.data import read_glossary
+    from toolkit.data.reading import read_glossary
     from toolkit.errors import ToolkitError
 
     path = tmp_path / "glossary.txt"

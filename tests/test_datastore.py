@@ -9,12 +9,13 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import term_rows, tiny_recipe, write_jsonl
 from test_images import image_data  # noqa: F401 (a fixture)
-from toolkit import data, datastore, encode, modeling
+
+from toolkit.config.recipe import DataSection
+from toolkit.data import datastore, encode, reading
 from toolkit.errors import ToolkitError
-from toolkit.recipe import DataSection
+from toolkit.model import loading
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_TRAIN = ROOT / "data" / "construction_terms.jsonl"
@@ -32,7 +33,7 @@ SPECIAL_ROWS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return modeling.load_tokenizer("builtin:tiny-mllama")
+    return loading.load_tokenizer("builtin:tiny-mllama")
 
 
 def digest(examples) -> str:
@@ -41,13 +42,13 @@ def digest(examples) -> str:
 
 def one_by_one(path: Path, section, tokenizer, limit: int = 256) -> list[encode.Encoded]:
     """The reference: every row rendered and tokenized alone by `encode.encode_conversation`, then fitted."""
-    rows, problems = data.parse_rows(path, section)
+    rows, problems = reading.parse_rows(path, section)
     assert problems == []
     out = []
     for row in rows:
-        encoded = encode.encode_conversation(data.conversation(row, section), tokenizer, section.date_string,
+        encoded = encode.encode_conversation(reading.conversation(row, section), tokenizer, section.date_string,
                                              section.train_on)
-        fitted, _ = data.fit(encoded, limit, section, None)
+        fitted, _ = encode.fit(encoded, limit, section, None)
         if fitted is not None:
             out.append(fitted)
     return out
@@ -101,8 +102,8 @@ def test_stored_encoding_counts_cuts_and_drops_like_the_in_memory_one(tokenizer,
     path = write_jsonl(tmp_path / "t.jsonl", term_rows())
     for limit, too_long in ((44, "truncate"), (56, "drop")):
         section = DataSection(train=str(path), too_long=too_long, num_proc=2)
-        rows, _ = data.parse_rows(path, section)
-        memory = data.encode_rows(rows, section, tokenizer, limit)
+        rows, _ = reading.parse_rows(path, section)
+        memory = encode.encode_rows(rows, section, tokenizer, limit)
         _, (train, _) = stored(section, tokenizer, limit)
         assert (train.truncated, train.dropped_long, train.dropped_empty) == \
             (memory.truncated, memory.dropped_long, memory.dropped_empty)
@@ -116,8 +117,8 @@ def test_eval_fraction_holds_out_the_rows_split_rows_picks(tokenizer, tmp_path, 
     monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / "cache"))
     path = write_jsonl(tmp_path / "t.jsonl", term_rows())
     section = DataSection(train=str(path), eval_fraction=0.25)
-    rows, _ = data.parse_rows(path, section)
-    expected_train, expected_eval = data.split_rows(rows, 0.25, seed=0)
+    rows, _ = reading.parse_rows(path, section)
+    expected_train, expected_eval = reading.split_rows(rows, 0.25, seed=0)
     _, (train, evals) = stored(section, tokenizer)
     assert list(train.rows) == expected_train and list(evals.rows) == expected_eval
 
@@ -174,7 +175,7 @@ def test_the_same_data_again_comes_from_the_cache_without_encoding(tokenizer, ca
     assert store.hit and store.note.startswith("from the cache (entry ")
     assert ": 12 rows, checked and opened in " in store.note
     train, _ = datastore.split_encodings(store, section, 0)
-    assert digest(train.examples) == digest(data.encode_rows(data.parse_rows(Path(section.train), section)[0],
+    assert digest(train.examples) == digest(encode.encode_rows(reading.parse_rows(Path(section.train), section)[0],
                                                              section, tokenizer, 256).examples)
     # num_proc changes how fast, not what: still the same entry
     assert datastore.prepare_data(section.model_copy(update={"num_proc": 3}), tokenizer, 256).hit
@@ -207,8 +208,8 @@ def test_every_key_change_encodes_again(tokenizer, cached, change, monkeypatch):
     store = datastore.prepare_data(section, tokenizer, limit)
     assert not store.hit
     train, _ = datastore.split_encodings(store, section, 0)
-    rows, _ = data.parse_rows(path, section)
-    assert digest(train.examples) == digest(data.encode_rows(rows, section, tokenizer, limit).examples)
+    rows, _ = reading.parse_rows(path, section)
+    assert digest(train.examples) == digest(encode.encode_rows(rows, section, tokenizer, limit).examples)
     assert datastore.prepare_data(section, tokenizer, limit).hit  # and the new entry is used next time
 
 
@@ -232,8 +233,8 @@ def test_a_damaged_cache_entry_is_never_used(tokenizer, cached, damage):
     store = datastore.prepare_data(section, tokenizer, 256)
     assert not store.hit and "was damaged" in store.note
     train, _ = datastore.split_encodings(store, section, 0)
-    rows, _ = data.parse_rows(path, section)
-    assert digest(train.examples) == digest(data.encode_rows(rows, section, tokenizer, 256).examples)
+    rows, _ = reading.parse_rows(path, section)
+    assert digest(train.examples) == digest(encode.encode_rows(rows, section, tokenizer, 256).examples)
     assert datastore.entry_problem(folder) is None  # replaced by a good entry
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no scratch or damaged folder left
 
@@ -269,8 +270,8 @@ def test_a_partial_folder_is_never_read_as_an_entry(tokenizer, tmp_path, monkeyp
 
 
 def test_eval_reads_the_held_out_rows_from_the_cache_training_filled(tmp_path, tiny_data, monkeypatch):
-    from toolkit.prepare import held_out_rows, prepare
-    from toolkit.recipe import load_recipe
+    from toolkit.config.recipe import load_recipe
+    from toolkit.training.prepare import held_out_rows, prepare
 
     monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / "cache"))
     path = tiny_recipe(tmp_path, {"train": tiny_data["train"]})
@@ -278,7 +279,7 @@ def test_eval_reads_the_held_out_rows_from_the_cache_training_filled(tmp_path, t
     prepare(recipe)
     refuse_encoding(monkeypatch)
     rows = held_out_rows(recipe)
-    assert len(rows) == 3 and rows == data.load_splits(recipe.data, recipe.train.seed)[1]
+    assert len(rows) == 3 and rows == reading.load_splits(recipe.data, recipe.train.seed)[1]
 
 
 def test_the_training_dataset_holds_the_kept_rows_in_the_given_order_with_trl_labels(tokenizer, tmp_path,
@@ -299,7 +300,7 @@ def test_the_training_dataset_holds_the_kept_rows_in_the_given_order_with_trl_la
 
 
 def test_content_hash_follows_the_bytes_of_a_file_or_of_every_file_in_a_saved_dataset(tmp_path):
-    from toolkit.sources import content_hash
+    from toolkit.data.sources import content_hash
 
     one = write_jsonl(tmp_path / "a.jsonl", term_rows())
     two = write_jsonl(tmp_path / "b.jsonl", term_rows())
@@ -336,17 +337,17 @@ def test_rows_of_different_shapes_in_one_chunk_each_get_their_own_template(token
 
 
 def test_lora_targets_are_checked_once_per_config_lora_and_quantization(tmp_path, monkeypatch):
-    from toolkit import prepare as prepare_module
-    from toolkit.recipe import load_recipe
+    from toolkit.config.recipe import load_recipe
+    from toolkit.training import prepare as prepare_module
 
     monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / "cache"))
     recipe = load_recipe(str(ROOT / "recipes" / "quickstart.yaml"), [])
     def config():  # as each command loads it (building the meta model adds settings to the config it is given)
-        return modeling.load_config(recipe.model.name)
+        return loading.load_config(recipe.model.name)
 
     built = []
-    real_meta = modeling.meta_model
-    monkeypatch.setattr(modeling, "meta_model", lambda c: built.append(1) or real_meta(c))
+    real_meta = loading.meta_model
+    monkeypatch.setattr(loading, "meta_model", lambda c: built.append(1) or real_meta(c))
     first = prepare_module.lora_targets(recipe, config())
     assert len(first) == 29 and len(built) == 1
     assert prepare_module.lora_targets(recipe, config()) == first and len(built) == 1  # remembered

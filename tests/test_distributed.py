@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import term_rows, tiny_recipe, write_jsonl
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import term_rows, tiny_recipe, write_jsonl
-from toolkit.batching import shared_modality_batches
 from toolkit.cli import main
-from toolkit.distributed import per_process_batch, strategy_kwargs
+from toolkit.data.batching import shared_modality_batches
 from toolkit.errors import ToolkitError
+from toolkit.training.distributed import per_process_batch, strategy_kwargs
 
 
 def test_every_split_keeps_the_global_batch_or_is_refused():
@@ -105,7 +105,7 @@ def interrupted_copy(run_dir, target):
     """The run as a crash after checkpoint-2 leaves it: marked incomplete, no later checkpoint."""
     import shutil
 
-    from toolkit import files
+    from toolkit.io import files
 
     shutil.copytree(run_dir, target)
     shutil.rmtree(target / "checkpoint-4")
@@ -147,7 +147,7 @@ def test_a_node_whose_peer_never_joins_ends_in_time_and_the_run_resumes_on_one_m
                                                                                        tmp_path, capfd):
     import time
 
-    from toolkit import files
+    from toolkit.io import files
 
     run_dir = interrupted_copy(two_nodes, tmp_path / "run")  # checkpoint-2 written by the two-node job
     port = free_port()
@@ -173,9 +173,9 @@ def test_a_node_whose_peer_never_joins_ends_in_time_and_the_run_resumes_on_one_m
 
 
 def runs_checkpoints(run_dir):
-    from toolkit import runs
+    from toolkit.runs import rundir
 
-    return runs.checkpoints(run_dir)
+    return rundir.checkpoints(run_dir)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TERMS, tiny_recipe, write_jsonl
-from toolkit import data, runs, terms
+
 from toolkit.cli import main
+from toolkit.data import reading
 from toolkit.errors import ToolkitError
-from toolkit.commands.eval import eval_rows, glossary_for
+from toolkit.evaluation import terms
+from toolkit.evaluation.scoring import eval_rows, glossary_for
+from toolkit.runs import rundir
 
 FAST = ["--max-new-tokens", "32"]
 METRIC_KEYS = {"n_examples", "term_accuracy", "term_recall", "exact_match"}
@@ -121,22 +123,22 @@ def test_missing_data_file_exits_2(tiny_run, tmp_path, capsys):
 
 
 def test_eval_fraction_reproduces_the_held_out_rows(tiny_run, tiny_data):
-    recipe = with_data(runs.open_run(tiny_run), eval=None, eval_fraction=0.25)
+    recipe = with_data(rundir.open_run(tiny_run), eval=None, eval_fraction=0.25)
     rows, source = eval_rows(recipe, None)
-    _, held_out = data.load_splits(recipe.data, recipe.train.seed)
+    _, held_out = reading.load_splits(recipe.data, recipe.train.seed)
     assert [r.line for r in rows] == [r.line for r in held_out] and len(rows) == 3
     assert tiny_data["train"] in source
 
 
 def test_no_eval_rows_is_a_clear_error(tiny_run):
-    recipe = with_data(runs.open_run(tiny_run), eval=None)
+    recipe = with_data(rundir.open_run(tiny_run), eval=None)
     with pytest.raises(ToolkitError, match="--data"):
         eval_rows(recipe, None)
 
 
 def test_glossary_is_read_only_when_rows_lack_terms(tiny_run, tmp_path):
-    recipe = with_data(runs.open_run(tiny_run), glossary=str(tmp_path / "missing.txt"))
-    with_terms = [data.Row("x", 1, {"instruction": "a", "output": "b", "terms": ["b"]})]
+    recipe = with_data(rundir.open_run(tiny_run), glossary=str(tmp_path / "missing.txt"))
+    with_terms = [reading.Row("x", 1, {"instruction": "a", "output": "b", "terms": ["b"]})]
     assert glossary_for(recipe, with_terms) is None
     with pytest.raises(ToolkitError, match="data.glossary"):
-        glossary_for(recipe, [data.Row("x", 1, {"instruction": "a", "output": "b"})])
+        glossary_for(recipe, [reading.Row("x", 1, {"instruction": "a", "output": "b"})])

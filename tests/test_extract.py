@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from toolkit.cli import main
-from toolkit.errors import ToolkitError
 from toolkit.commands.extract import choose_format, mismatches, read_state_dict
+from toolkit.errors import ToolkitError
 
 
 @pytest.fixture(scope="module")
 def peft_state(tiny_run) -> dict:
     from peft import get_peft_model_state_dict
 
-    from toolkit.runs import load_trained
+    from toolkit.runs.rundir import load_trained
 
     model, _, _ = load_trained(tiny_run)
     return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}

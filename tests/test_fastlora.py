@@ -1,4 +1,4 @@
-"""The fused LoRA and dequantized 8-bit layers (toolkit.fastlora) compute what PEFT and bitsandbytes compute, with
+"""The fused LoRA and dequantized 8-bit layers (toolkit.model.fastlora) compute what PEFT and bitsandbytes compute, with
 the same gradients, and keep less for backward."""
 
 from __future__ import annotations
@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toolkit import fastlora, lora, memory, modeling
-from toolkit.recipe import LoraSection
+from toolkit.config.recipe import LoraSection
+from toolkit.model import fastlora, loading, lora
+from toolkit.training import memory
 
 
 def tiny_peft_model(dropout: float = 0.0):
@@ -15,9 +16,9 @@ def tiny_peft_model(dropout: float = 0.0):
     adapter contributes to the output and to every gradient."""
     from peft import get_peft_model
 
-    config = modeling.load_config("builtin:tiny-mllama")
+    config = loading.load_config("builtin:tiny-mllama")
     torch.manual_seed(0)
-    base = modeling.model_class(config).from_config(config)
+    base = loading.model_class(config).from_config(config)
     model = get_peft_model(base, lora.to_lora_config(LoraSection(dropout=dropout)))
     for name, param in model.named_parameters():
         if "lora_B" in name:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from toolkit import data, formatters, modeling
-from toolkit.recipe import DataSection
+from toolkit.config.recipe import DataSection
+from toolkit.data import encode, formatters, reading
+from toolkit.model import loading
 
 TURNS = [
     {"role": "user", "content": "거푸집이 무엇입니까?"},
@@ -18,12 +19,12 @@ TURNS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return modeling.load_tokenizer("builtin:tiny-mllama")
+    return loading.load_tokenizer("builtin:tiny-mllama")
 
 
 def encoded(tokenizer, fields, formatter="messages", **values):
     section = DataSection(train="t.jsonl", formatter=formatter, **values)
-    return data.encode_rows([data.Row("t.jsonl", 1, fields)], section, tokenizer, 4096).examples[0]
+    return encode.encode_rows([reading.Row("t.jsonl", 1, fields)], section, tokenizer, 4096).examples[0]
 
 
 def learned_pieces(tokenizer, example) -> list[str]:
@@ -82,7 +83,7 @@ def test_image_parts_come_first_and_sharegpt_markers_place_them(tokenizer):
 
 
 def problems(formatter: str, row: dict) -> list[str]:
-    return formatters.ROW_CHECKS[formatter](row)
+    return formatters.FORMATTERS[formatter].problems(row)
 
 
 @pytest.mark.parametrize("row, expected", [
@@ -132,8 +133,10 @@ def test_sharegpt_row_errors(row, expected):
     assert problems("sharegpt", row) == expected
 
 
-def test_the_formatter_and_check_tables_name_the_same_formatters():
-    assert set(formatters.FORMATTERS) == set(formatters.ROW_CHECKS) == {"alpaca", "messages", "sharegpt"}
+def test_each_format_is_one_record_named_by_its_key():
+    assert {name: f.name for name, f in formatters.FORMATTERS.items()} == \
+        {"alpaca": "alpaca", "messages": "messages", "sharegpt": "sharegpt"}
+    assert formatters.list_fields() == ("terms", "images", "messages", "conversations")
 
 
 def test_a_sharegpt_rows_own_system_turn_gets_no_second_one():
@@ -174,7 +177,7 @@ def test_the_prompt_is_the_whole_conversation_before_the_last_answer(tokenizer, 
     example = encoded(tokenizer, fields, formatter, system_prompt=system_prompt)
     last_answer = max(i for i, learned in enumerate(example.completion_mask) if learned and
                       not example.completion_mask[i - 1])
-    prompt = data.prompt(data.Row("t.jsonl", 1, fields), section, tokenizer)
+    prompt = encode.prompt(reading.Row("t.jsonl", 1, fields), section, tokenizer)
     assert prompt.input_ids == example.input_ids[:last_answer]
     text = tokenizer.decode(prompt.input_ids)
     assert text.count("시스템<|eot_id|>") == 1 and text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")

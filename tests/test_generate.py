@@ -16,7 +16,7 @@ PROMPT = "다음 건설 용어를 설명하세요.\\n\\n거푸집"  # as a shell
 
 def greedy_answer(run_dir, base: bool, max_new_tokens: int) -> str:
     """The same answer computed without the streamer, to check what the command printed."""
-    from toolkit.runs import load_trained
+    from toolkit.runs.rundir import load_trained
 
     model, tokenizer, recipe = load_trained(run_dir)
     encoded = prompt_ids(user_text(PROMPT), recipe, tokenizer)
@@ -43,7 +43,7 @@ def test_adapter_changes_the_answer(tiny_run):
 def test_literal_backslash_n_becomes_a_line_break(tiny_run):
     from transformers import AutoTokenizer
 
-    from toolkit.runs import open_run
+    from toolkit.runs.rundir import open_run
 
     assert user_text(PROMPT) == "다음 건설 용어를 설명하세요.\n\n거푸집"
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_run))
@@ -57,7 +57,7 @@ def test_image_is_refused_by_a_text_model(tiny_run, tmp_path, monkeypatch, capsy
     """A readable image given to a model that cannot read images is refused as such (not as a missing file)."""
     from PIL import Image
 
-    from toolkit import vision
+    from toolkit.data import vision
 
     Image.new("RGB", (32, 32), "white").save(tmp_path / "a.png")
     monkeypatch.setattr(vision, "image_inputs_for", lambda *args, **kwargs: None)  # what a text-only model's run answers
@@ -79,9 +79,9 @@ def test_empty_prompt_is_refused(tmp_path, capsys):
 def force_answer(monkeypatch, tokens: list[int], then: int) -> None:
     """Every model `toolkit` loads answers `tokens` greedily, then `then` forever: a model that is not stopped at
     the end of its turn keeps writing `then`."""
-    from toolkit import runs
+    from toolkit.runs import rundir
 
-    original = runs.load_trained
+    original = rundir.load_trained
 
     def load_trained(*args, **kwargs):
         model, tokenizer, recipe = original(*args, **kwargs)
@@ -99,7 +99,7 @@ def force_answer(monkeypatch, tokens: list[int], then: int) -> None:
         model.get_base_model().register_forward_hook(hook, with_kwargs=True)
         return model, tokenizer, recipe
 
-    monkeypatch.setattr(runs, "load_trained", load_trained)
+    monkeypatch.setattr(rundir, "load_trained", load_trained)
 
 
 @pytest.fixture(scope="module")
@@ -141,15 +141,16 @@ def test_an_answer_cannot_steer_the_terminal(tiny_run, words, monkeypatch, capsy
 
 def test_generates_prompt_has_the_recipes_system_turn():
     """generate's question is rendered as a training row asking it: the recipe's system turn included."""
-    from toolkit import data, modeling
-    from toolkit.recipe import DataSection
+    from toolkit.config.recipe import DataSection
+    from toolkit.data import encode, reading
+    from toolkit.model import loading
 
-    tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
+    tokenizer = loading.load_tokenizer("builtin:tiny-mllama")
     section = DataSection(train="t.jsonl", system_prompt="당신은 건설 전문가입니다.")
     question = user_text(PROMPT)
-    asked = data.question_prompt(question, section, tokenizer)
-    row = data.Row("t.jsonl", 1, {"instruction": question, "output": "답"})
-    assert asked.input_ids == data.prompt(row, section, tokenizer).input_ids
+    asked = encode.question_prompt(question, section, tokenizer)
+    row = reading.Row("t.jsonl", 1, {"instruction": question, "output": "답"})
+    assert asked.input_ids == encode.prompt(row, section, tokenizer).input_ids
     assert "당신은 건설 전문가입니다.<|eot_id|>" in tokenizer.decode(asked.input_ids)
 
 
@@ -168,9 +169,10 @@ def test_every_answer_goes_to_its_own_row():
     """7 prompts of different lengths in batches of 3 (the last batch short): each answer lands on its own row."""
     from types import SimpleNamespace
 
-    from toolkit import generation, modeling
+    from toolkit.evaluation import generation
+    from toolkit.model import loading
 
-    tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
+    tokenizer = loading.load_tokenizer("builtin:tiny-mllama")
     words = ["거푸집", "철근", "양생", "슬럼프", "비계", "동바리", "콘크리트"]
     prompts = [SimpleNamespace(input_ids=tokenizer(" ".join(words[: i % 4 + 1]) + f" {word} {i}",
                                                    add_special_tokens=False).input_ids, images=())

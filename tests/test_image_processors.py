@@ -11,9 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+from transformers.models.mllama.image_processing_pil_mllama import (
+    MllamaImageProcessorPil,
+)
 
-from toolkit import vision
+from toolkit.data import vision
 
 SPEC = vision.ImageSpec(tile_size=56, model_max_tiles=4, max_tiles=4, patches_per_tile=17)
 WIDE = Image.new("RGB", (110, 50), (200, 30, 30))  # 2 tiles side by side

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import term_rows, tiny_recipe, write_jsonl
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import term_rows, tiny_recipe, write_jsonl
-from toolkit import data, modeling, photos, vision
 from toolkit.cli import main
-from toolkit.recipe import DataSection, recipe_from_dict
+from toolkit.config.recipe import DataSection, recipe_from_dict
+from toolkit.data import encode, photos, reading, vision
+from toolkit.model import loading
 
 QUESTION = "이 현장 사진의 결함은?"
 ANSWER = "철근 피복 부족"
@@ -28,7 +29,7 @@ SHAPES = {"상자": (200, 40, 40), "원": (40, 160, 40), "막대": (40, 40, 200)
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return modeling.load_tokenizer("builtin:tiny-mllama")
+    return loading.load_tokenizer("builtin:tiny-mllama")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def section(**values) -> DataSection:
 
 
 def encode_one(tokenizer, fields, source="x/t.jsonl", **values):
-    return data.encode_rows([data.Row(source, 1, fields)], section(**values), tokenizer, 4096).examples[0]
+    return encode.encode_rows([reading.Row(source, 1, fields)], section(**values), tokenizer, 4096).examples[0]
 
 
 def test_an_image_row_renders_as_the_official_template(tokenizer):
@@ -89,17 +90,17 @@ def test_image_paths_follow_the_data_file_or_image_root(tokenizer, tmp_path):
 
 def collated(image_data, tokenizer, rows):
     recipe = recipe_from_dict({"model": {"name": "builtin:tiny-mllama"}, "data": {"train": image_data["mixed"]}})
-    encoded = data.encode_rows([data.Row(image_data["mixed"], i + 1, r) for i, r in enumerate(rows)],
+    encoded = encode.encode_rows([reading.Row(image_data["mixed"], i + 1, r) for i, r in enumerate(rows)],
                                recipe.data, tokenizer, 512)
-    collator, settings = vision.training_collator(recipe, modeling.load_config("builtin:tiny-mllama"), tokenizer,
+    collator, settings = vision.training_collator(recipe, loading.load_config("builtin:tiny-mllama"), tokenizer,
                                                   "fp32")
-    dataset = data.to_dataset(encoded.examples)
+    dataset = encode.to_dataset(encoded.examples)
     return encoded, collator([dataset[i] for i in range(len(rows))]), settings
 
 
 def collator_spec():
-    return vision.image_spec(modeling.load_processor("builtin:tiny-mllama", None),
-                             modeling.load_config("builtin:tiny-mllama"), None)
+    return vision.image_spec(loading.load_processor("builtin:tiny-mllama", None),
+                             loading.load_config("builtin:tiny-mllama"), None)
 
 
 def test_a_mixed_batch_gives_text_rows_no_image_and_image_rows_their_own(image_data, tokenizer):
@@ -143,7 +144,9 @@ def test_a_text_only_batch_carries_no_image_inputs(image_data, tokenizer):
 def test_a_tile_cap_keeps_the_models_tile_count_and_aspect_ids():
     """A 4-tile model capped at 2 tiles: pixels still carry 4 tile slots, and a 2x1 image keeps the 4-tile table's
     id for (2, 1), not the 2-tile table's."""
-    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+    from transformers.models.mllama.image_processing_pil_mllama import (
+        MllamaImageProcessorPil,
+    )
 
     processor = MllamaImageProcessorPil(size={"height": 56, "width": 56}, max_image_tiles=4)
     tall = Image.new("RGB", (50, 100), (10, 20, 30))
@@ -161,7 +164,9 @@ def test_a_tile_cap_keeps_the_models_tile_count_and_aspect_ids():
 def test_capped_tiles_are_padded_after_the_images_content(tmp_path):
     """Under a cap of 2 on a 4-tile model, a batch's tiles 0-1 hold the image (as the capped processor made them)
     and tiles 2-3 are padding: pixels, the aspect-ratio mask and the cross-attention mask agree tile by tile."""
-    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+    from transformers.models.mllama.image_processing_pil_mllama import (
+        MllamaImageProcessorPil,
+    )
 
     processor = MllamaImageProcessorPil(size={"height": 56, "width": 56}, max_image_tiles=4)
     Image.new("RGB", (50, 100), (200, 120, 30)).save(tmp_path / "tall.png")
@@ -181,13 +186,19 @@ def test_capped_tiles_are_padded_after_the_images_content(tmp_path):
 
 def four_tile_model(folder: Path) -> Path:
     """The built-in model's shape with a 4-tile vision tower (random weights), saved as a local model folder."""
-    from transformers import GenerationConfig, MllamaForConditionalGeneration, MllamaProcessor
-    from transformers.models.mllama.image_processing_pil_mllama import get_all_supported_aspect_ratios
+    from transformers import (
+        GenerationConfig,
+        MllamaForConditionalGeneration,
+        MllamaProcessor,
+    )
+    from transformers.models.mllama.image_processing_pil_mllama import (
+        get_all_supported_aspect_ratios,
+    )
 
-    from toolkit import builtin
+    from toolkit.model import builtin
 
-    tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
-    config = modeling.load_config("builtin:tiny-mllama")
+    tokenizer = loading.load_tokenizer("builtin:tiny-mllama")
+    config = loading.load_config("builtin:tiny-mllama")
     config.vision_config.max_num_tiles = 4
     config.vision_config.supported_aspect_ratios = [list(r) for r in get_all_supported_aspect_ratios(4)]
     torch.manual_seed(0)
@@ -258,7 +269,7 @@ def test_eval_answers_image_rows(image_run, image_data):
 
 def test_generate_reads_the_image(image_run, image_data, capsys):
     from toolkit.commands.generate import prompt_ids
-    from toolkit.runs import load_trained
+    from toolkit.runs.rundir import load_trained
 
     pics = image_data["folder"] / "pics"
     assert main(["generate", str(image_run), "이 그림은 무엇입니까?", "--image", str(pics / "상자_0.png"),
@@ -307,7 +318,7 @@ def test_every_image_problem_is_named_with_its_line(bad_images):
         {"image": "ok.png", "instruction": "q", "output": "a", "terms": "q"},
     ]
     path = write_jsonl(bad_images / "rows.jsonl", rows)
-    good, problems = data.parse_rows(path, section())
+    good, problems = reading.parse_rows(path, section())
     assert [r.line for r in good] == [1]
     assert problems[0] == f"{path}:2: image: image not found: {bad_images / 'missing.png'}"
     assert problems[1].startswith(f"{path}:3: image: unreadable image {bad_images / 'cut.jpg'} (")
@@ -323,7 +334,7 @@ def test_every_image_problem_is_named_with_its_line(bad_images):
 
 def test_a_system_prompt_beside_an_image_is_refused(bad_images):
     path = write_jsonl(bad_images / "rows.jsonl", [{"image": "ok.png", "instruction": "q", "output": "a"}])
-    _, problems = data.parse_rows(path, section(system_prompt="건설 도우미"))
+    _, problems = reading.parse_rows(path, section(system_prompt="건설 도우미"))
     assert problems == [f"{path}:1: a row with an image cannot have a system prompt (Llama 3.2 Vision's template "
                         "refuses it); drop data.system_prompt or the row's system turn"]
 
@@ -339,10 +350,10 @@ def test_bad_images_stop_sft_before_anything_is_written(bad_images, tmp_path, ca
 
 def test_a_cut_never_removes_an_image(tokenizer):
     fields = {"image": "a.png", "instruction": "가" * 200, "output": "답"}
-    encoding = data.encode_rows([data.Row("t.jsonl", 1, fields)], section(), tokenizer, limit=4)
+    encoding = encode.encode_rows([reading.Row("t.jsonl", 1, fields)], section(), tokenizer, limit=4)
     assert encoding.rows == [] and encoding.dropped_empty == 1  # the answer went first
     short = {"image": "a.png", "instruction": "q", "output": "답 " * 50}
-    cut = data.encode_rows([data.Row("t.jsonl", 1, short)], section(), tokenizer, limit=20)
+    cut = encode.encode_rows([reading.Row("t.jsonl", 1, short)], section(), tokenizer, limit=20)
     assert cut.truncated == 1 and cut.examples[0].input_ids.count(tokenizer.convert_tokens_to_ids("<|image|>")) == 1
 
 
@@ -354,8 +365,8 @@ def test_validate_reports_image_cost(image_data, tmp_path, capsys):
 
 
 def test_a_text_model_refuses_image_rows(image_data, tmp_path, monkeypatch, capsys):
-    config = modeling.load_config("builtin:tiny-mllama")
-    monkeypatch.setattr(modeling, "is_vision_config", lambda _: False)
+    config = loading.load_config("builtin:tiny-mllama")
+    monkeypatch.setattr(loading, "is_vision_config", lambda _: False)
     recipe = tiny_recipe(tmp_path, {"train": image_data["mixed"]})
     assert main(["validate", str(recipe)]) == 2
     assert "6 rows have images, but builtin:tiny-mllama is not a vision model" in capsys.readouterr().out
@@ -366,13 +377,13 @@ def test_data_files_can_be_listed(image_data, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(image_data["folder"], copy)
     section_ = DataSection(train=[str(copy / "images.jsonl"), str(copy / "mixed.jsonl")])
-    train, _ = data.load_splits(section_, seed=1)
+    train, _ = reading.load_splits(section_, seed=1)
     assert len(train) == 6 + 18 and train[0].source == str(copy / "images.jsonl")
 
 
 def test_validate_refuses_a_tokenizer_whose_image_token_is_not_the_models(image_data, tmp_path, capsys):
     """A local checkpoint folder whose config reads images at another id than its tokenizer's <|image|>."""
-    from toolkit import builtin
+    from toolkit.model import builtin
 
     folder = tmp_path / "checkpoint"
     shutil.copytree(builtin.ensure_builtin("builtin:tiny-mllama"), folder)

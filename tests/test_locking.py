@@ -12,12 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_recipe
-from toolkit import files, runs
-from toolkit.errors import ToolkitError
 
-HOLD_LOCK = ("import sys; from pathlib import Path; from toolkit.files import acquire_lock; "
+from toolkit.errors import ToolkitError
+from toolkit.io import files
+from toolkit.runs import rundir
+
+HOLD_LOCK = ("import sys; from pathlib import Path; from toolkit.io.files import acquire_lock; "
              "acquire_lock(Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()")
 
 
@@ -101,8 +102,8 @@ def test_two_sft_processes_on_one_directory_one_trains_the_other_is_refused(tmp_
     assert "Traceback" not in outputs[loser]
     assert files.is_complete(run_dir, "run") and not (run_dir / files.LOCK).exists()
     summary = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["summary"]
-    assert summary["steps"] == 3 and runs.adapter_file_problem(run_dir / runs.ADAPTER_FILE) is None
-    assert runs.open_run(run_dir).train.max_steps == 3
+    assert summary["steps"] == 3 and rundir.adapter_file_problem(run_dir / rundir.ADAPTER_FILE) is None
+    assert rundir.open_run(run_dir).train.max_steps == 3
 
 
 def test_a_run_being_trained_is_refused_by_readers_as_such(holder, capsys):

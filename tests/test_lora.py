@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toolkit import lora, modeling
+from toolkit.config.recipe import LoraSection
 from toolkit.errors import ToolkitError
-from toolkit.recipe import LoraSection
+from toolkit.model import loading, lora
 
 
 @pytest.fixture()
 def tiny_meta_model():
-    return modeling.meta_model(modeling.load_config("builtin:tiny-mllama"))
+    return loading.meta_model(loading.load_config("builtin:tiny-mllama"))
 
 
 def placement(model, **settings):
@@ -43,7 +43,7 @@ def test_a_regex_into_the_vision_tower_is_refused_unless_asked(tiny_meta_model):
     regex = r".*\.(q_proj|v_proj)"
     with pytest.raises(ToolkitError, match="outside lora.scope='language'"):
         placement(tiny_meta_model, targets=regex)
-    assert placement(modeling.meta_model(modeling.load_config("builtin:tiny-mllama")), targets=regex, scope="all")
+    assert placement(loading.meta_model(loading.load_config("builtin:tiny-mllama")), targets=regex, scope="all")
 
 
 def test_targets_that_match_nothing_are_an_error(tiny_meta_model):
@@ -55,8 +55,8 @@ def tiny_bf16_peft_model():
     """A bf16 model whose adapters are bf16 too, as TRL leaves a quantized model's adapters."""
     from peft import get_peft_model
 
-    config = modeling.load_config("builtin:tiny-mllama")
-    base = modeling.model_class(config).from_config(config).to(torch.bfloat16)
+    config = loading.load_config("builtin:tiny-mllama")
+    base = loading.model_class(config).from_config(config).to(torch.bfloat16)
     model = get_peft_model(base, lora.to_lora_config(LoraSection()))
     for param in model.parameters():
         param.data = param.data.to(torch.bfloat16)

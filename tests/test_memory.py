@@ -8,16 +8,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from toolkit import data, memory, modeling
-from toolkit.commands.bench import full_size_config
+from toolkit.bench.harness import full_size_config
+from toolkit.config.recipe import recipe_from_dict
+from toolkit.data import encode
 from toolkit.errors import ToolkitError
-from toolkit.recipe import recipe_from_dict
+from toolkit.model import loading
+from toolkit.training import memory
 
 
 @pytest.fixture(scope="module")
 def full_size():
     config = full_size_config()
-    return modeling.meta_model(config), config.get_text_config()
+    return loading.meta_model(config), config.get_text_config()
 
 
 def test_weights_by_quantization(full_size):
@@ -35,13 +37,13 @@ def test_the_per_token_count_covers_what_autograd_keeps():
     """On the built-in model (CPU, fp32, no Liger), the count is an upper bound within 1.5x of the measurement."""
     from peft import get_peft_model
 
-    from toolkit import lora
-    from toolkit.recipe import LoraSection
+    from toolkit.config.recipe import LoraSection
+    from toolkit.model import lora
 
-    config = modeling.load_config("builtin:tiny-mllama")
+    config = loading.load_config("builtin:tiny-mllama")
     text = config.get_text_config()
     torch.manual_seed(0)
-    base = modeling.model_class(config).from_config(config)
+    base = loading.model_class(config).from_config(config)
     model = get_peft_model(base, lora.to_lora_config(LoraSection(dropout=0.0)))
     tokens = 2 * 48
     ids = torch.arange(tokens).reshape(2, 48) % 900
@@ -78,7 +80,7 @@ def tiny_recipe(**train):
 def test_auto_becomes_a_number_and_a_number_stays():
     """The batch is sized by the longest row (90 tokens, 96 padded), not a typical one: 13 rows of 96 tokens fit
     2.02 GiB on the built-in model, where 20 rows of the median 60 would."""
-    config = modeling.load_config("builtin:tiny-mllama")
+    config = loading.load_config("builtin:tiny-mllama")
     text = config.get_text_config()
     recipe, plan = memory.resolve_batch_size(tiny_recipe(batch_size="auto", memory_budget_gib=2.02), config,
                                              [30, 90, 60] * 100, "bf16")
@@ -86,7 +88,7 @@ def test_auto_becomes_a_number_and_a_number_stays():
     assert plan.per_row_gib == 96 * memory.activation_bytes_per_token(text, memory.Setup()) / 2**30
     median = memory.resolve_batch_size(tiny_recipe(batch_size="auto", memory_budget_gib=2.02), config, [60], "bf16")
     assert median[1].batch_size == 1  # one row: never more rows than the data has
-    assert memory.plan_batch(modeling.meta_model(config), text, memory.Setup(), 60, 2.02, 300).batch_size == 20
+    assert memory.plan_batch(loading.meta_model(config), text, memory.Setup(), 60, 2.02, 300).batch_size == 20
     fixed = tiny_recipe(batch_size=3)
     assert memory.resolve_batch_size(fixed, config, [30], "bf16") == (fixed, None)
 
@@ -94,8 +96,8 @@ def test_auto_becomes_a_number_and_a_number_stays():
 def test_weights_count_follows_skip_modules():
     """Layers `quantization.skip_modules` keeps unquantized are counted at the compute dtype, by the loader's rule
     (a list replaces the default that keeps lm_head)."""
-    config = modeling.load_config("builtin:tiny-mllama")
-    meta = modeling.meta_model(config)
+    config = loading.load_config("builtin:tiny-mllama")
+    meta = loading.meta_model(config)
     eight = memory.Setup(quantization="8bit")
     vision = [m for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.vision_")]
     extra = sum(m.weight.numel() * (2 - memory.quantized_bytes_per_weight(eight, m.in_features)) for m in vision)
@@ -126,7 +128,7 @@ def test_auto_plans_image_batches_by_their_vision_tokens(full_size):
 
 
 def test_plan_for_counts_the_most_images_of_any_row_and_the_runs_tiling(monkeypatch):
-    config = modeling.load_config("builtin:tiny-mllama")
+    config = loading.load_config("builtin:tiny-mllama")
     spec = SimpleNamespace(model_max_tiles=4)
     rows = [SimpleNamespace(images=()), SimpleNamespace(images=("a.png", "b.png"))]
     seen = {}
@@ -136,7 +138,7 @@ def test_plan_for_counts_the_most_images_of_any_row_and_the_runs_tiling(monkeypa
                                    "data": {"train": "t.jsonl", "vision_tiles": tiling},
                                    "train": {"batch_size": "auto", "memory_budget_gib": 3}})
         return SimpleNamespace(recipe=recipe, model_config=config, precision="bf16", lengths=[40, 90],
-                               train=data.Encoding(examples=rows), image_spec=spec,
+                               train=encode.Encoding(examples=rows), image_spec=spec,
                                image_tiles={"a.png": 1, "b.png": 2})
 
     monkeypatch.setattr(memory, "resolve_batch_size",

@@ -6,15 +6,16 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_recipe
+
 from toolkit.cli import main
 
 ROW = {"instruction": "다음 건설 용어를 설명하세요.", "input": "양생"}
 
 
 def prompt_logits(model, tokenizer, recipe) -> torch.Tensor:
-    from toolkit.data import Row, prompt_ids
+    from toolkit.data.encode import prompt_ids
+    from toolkit.data.reading import Row
 
     ids = torch.tensor([prompt_ids(Row("merge-test", 1, ROW), recipe.data, tokenizer)])
     with torch.no_grad():
@@ -31,7 +32,7 @@ def merged_fp32(tiny_run, tmp_path_factory):
 def test_merged_folder_loads_without_peft_and_matches_base_plus_adapter(tiny_run, merged_fp32):
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-    from toolkit.runs import load_trained
+    from toolkit.runs.rundir import load_trained
 
     peft_model, tokenizer, recipe = load_trained(tiny_run, quantize=False)
     with_adapter = prompt_logits(peft_model, tokenizer, recipe)
@@ -55,7 +56,7 @@ def test_merged_folder_is_complete_and_adapter_free(merged_fp32):
     assert GenerationConfig.from_pretrained(merged_fp32).eos_token_id
     report = json.loads((merged_fp32 / "merge_report.json").read_text(encoding="utf-8"))
     assert report["passed"] and report["max_abs_delta"] <= report["tolerance"] < report["adapter_effect"]
-    from toolkit.files import usual_mode
+    from toolkit.io.files import usual_mode
 
     assert merged_fp32.stat().st_mode & 0o777 == usual_mode(directory=True)  # not the staging folder's 0o700
     assert [p.name for p in merged_fp32.iterdir() if p.stat().st_mode & 0o777 != usual_mode()] == []
@@ -77,8 +78,9 @@ def test_a_merged_model_off_by_one_percent_fails(tiny_run, tmp_path, monkeypatch
     """Logits 1% larger than base + adapter's (every one, the largest included) fail fp32's default tolerance, and
     nothing is written to --output."""
     from toolkit.commands import merge
+    from toolkit.export import merging
 
-    load_saved = merge.load_saved
+    load_saved = merging.load_saved
 
     def one_percent_off(out, dtype, device):
         model = load_saved(out, dtype, device)
@@ -86,7 +88,7 @@ def test_a_merged_model_off_by_one_percent_fails(tiny_run, tmp_path, monkeypatch
             model.lm_head.weight.mul_(1.01)
         return model
 
-    monkeypatch.setattr(merge, "load_saved", one_percent_off)
+    monkeypatch.setattr(merging, "load_saved", one_percent_off)
     assert main(["merge", str(tiny_run), "--output", str(tmp_path / "m"), "--dtype", "fp32"]) == 1
     out = capsys.readouterr().out.replace("\n", "")
     assert "not within tolerance" in out and "do not use it" in out
@@ -119,7 +121,7 @@ def test_output_may_not_be_the_run(tiny_run):
 
 
 def test_adapter_traces_are_found(tmp_path):
-    from toolkit.commands.merge import adapter_traces
+    from toolkit.export.merging import adapter_traces
 
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"quantization_config": {}}}), encoding="utf-8")
     (tmp_path / "adapter_config.json").write_text("{}", encoding="utf-8")
@@ -131,9 +133,9 @@ def test_adapter_traces_are_found(tmp_path):
 
 def test_a_merged_model_never_replaces_what_another_process_wrote_meanwhile(tmp_path):
     """Two merges into one new --output: the one that finishes second finds the folder filled and leaves it."""
-    from toolkit import files
-    from toolkit.commands.merge import put_in_place
     from toolkit.errors import ToolkitError
+    from toolkit.export.merging import put_in_place
+    from toolkit.io import files
 
     staging, out = tmp_path / ".merged.merging-1", tmp_path / "merged"
     staging.mkdir()
@@ -150,9 +152,10 @@ def test_a_merged_model_never_replaces_what_another_process_wrote_meanwhile(tmp_
 
 def test_merges_check_prompts_are_whole_conversations(tmp_path):
     """The check runs the run's own rows as eval prompts them: system turn and earlier turns included."""
-    from toolkit import data, modeling
-    from toolkit.commands.merge import verify_prompts
-    from toolkit.recipe import recipe_from_dict
+    from toolkit.config.recipe import recipe_from_dict
+    from toolkit.data import encode, reading
+    from toolkit.export.merging import verify_prompts
+    from toolkit.model import loading
 
     turns = [{"role": "system", "content": "행 시스템"}, {"role": "user", "content": "첫 질문"},
              {"role": "assistant", "content": "첫 답"}, {"role": "user", "content": "둘째 질문"},
@@ -161,9 +164,9 @@ def test_merges_check_prompts_are_whole_conversations(tmp_path):
     rows.write_text(json.dumps({"messages": turns}, ensure_ascii=False) + "\n", encoding="utf-8")
     recipe = recipe_from_dict({"model": {"name": "builtin:tiny-mllama"},
                                "data": {"train": str(rows), "formatter": "messages"}})
-    tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
+    tokenizer = loading.load_tokenizer("builtin:tiny-mllama")
     prompts = verify_prompts(recipe, tokenizer, with_image=False, scratch=tmp_path)
-    example = data.encode_rows(data.parse_rows(rows, recipe.data)[0], recipe.data, tokenizer, 512).examples[0]
+    example = encode.encode_rows(reading.parse_rows(rows, recipe.data)[0], recipe.data, tokenizer, 512).examples[0]
     assert len(prompts) == 1
     text = tokenizer.decode(prompts[0].input_ids)
     assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")

@@ -1,4 +1,4 @@
-"""The matching rule (toolkit.terms) and the three local evaluate metrics, on hand-made answers."""
+"""The matching rule (toolkit.evaluation.terms) and the three local evaluate metrics, on hand-made answers."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import unicodedata
 
 import pytest
 
-from toolkit import terms
-from toolkit.commands.eval import load_metrics
+from toolkit.evaluation import terms
+from toolkit.evaluation.scoring import load_metrics
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import yaml
 
 from toolkit.cli import main
 from toolkit.commands import new_recipe
-from toolkit.recipe import load_recipe
+from toolkit.config.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 

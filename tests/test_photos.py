@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toolkit import photos, vision
-from toolkit.recipe import load_recipe
+from toolkit.config.recipe import load_recipe
+from toolkit.data import photos, vision
 
 # Llama 3.2 11B Vision's image processor: four tiles of 560 px, CLIP's mean and std.
 MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -158,9 +158,9 @@ def test_image_batches_are_built_in_loader_workers_and_train_the_same_adapter(tm
     import json
     import os
 
+    from conftest import tiny_recipe, write_jsonl
     from safetensors.torch import load_file
 
-    from conftest import tiny_recipe, write_jsonl
     from toolkit.cli import main
 
     (tmp_path / "pics").mkdir()

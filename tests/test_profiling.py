@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from toolkit import profiling
+from toolkit.bench import profiling
 
 
 def event(name, start, end, device="CPU", annotation=False):

@@ -14,9 +14,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from toolkit import data, encode, modeling, sources
+from toolkit.config.recipe import DataSection, Recipe, load_recipe
+from toolkit.data import encode, reading, sources
 from toolkit.errors import ToolkitError
-from toolkit.recipe import DataSection, Recipe, load_recipe
+from toolkit.model import loading
 
 # Derandomized: CI sees the same examples on every run; deadline off: the first call pays for imports.
 FAST = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -87,13 +88,13 @@ def section() -> DataSection:
     return DataSection(train="t.jsonl")
 
 
-def read_back(content: bytes) -> tuple[list[data.Row], list[str]]:
+def read_back(content: bytes) -> tuple[list[reading.Row], list[str]]:
     """The rows the reader accepts and the problems it reports; both readers must return, never raise."""
     path = scratch_file(content, ".jsonl")
     try:
         records, record_problems = sources.read_records(path)
         assert all(isinstance(n, int) and str(path) in message for n, message in record_problems)
-        rows, problems = data.parse_rows(path, section())
+        rows, problems = reading.parse_rows(path, section())
         assert all(isinstance(p, str) and str(path) in p for p in problems)
         assert len(rows) <= len(records)
         return rows, problems
@@ -120,9 +121,9 @@ def test_any_json_values_as_data_lines(values, ascii_only):
 @functools.cache
 def tokenizer_and_template():
     """The built-in tokenizer, its special token ids, and the special ids of a plain alpaca row: the template's."""
-    tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
+    tokenizer = loading.load_tokenizer("builtin:tiny-mllama")
     specials = set(tokenizer.convert_tokens_to_ids(encode.special_token_texts(tokenizer)))
-    plain = data.encode_rows([data.Row("t.jsonl", 1, {"instruction": "a", "output": "b"})], section(), tokenizer,
+    plain = encode.encode_rows([reading.Row("t.jsonl", 1, {"instruction": "a", "output": "b"})], section(), tokenizer,
                              4096).examples[0]
     return tokenizer, specials, [t for t in plain.input_ids if t in specials]
 
@@ -132,7 +133,7 @@ def tokenizer_and_template():
 def test_accepted_rows_encode_with_only_the_templates_special_tokens(rows):
     accepted, _ = read_back("\n".join(json.dumps(r) for r in rows).encode("utf-8", "surrogatepass"))
     tokenizer, specials, template = tokenizer_and_template()
-    encoding = data.encode_rows(accepted, section(), tokenizer, 4096)
+    encoding = encode.encode_rows(accepted, section(), tokenizer, 4096)
     assert len(encoding.examples) == len(accepted)
     for example in encoding.examples:
         assert [t for t in example.input_ids if t in specials] == template

@@ -16,8 +16,9 @@ import pytest
 import yaml
 
 from conftest import write_jsonl
-from toolkit import modeling, replay
 from toolkit.cli import main
+from toolkit.data import replay
+from toolkit.model import loading
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAIN_TRAIN = ROOT / "data" / "skyloom_terms.jsonl"
@@ -79,10 +80,10 @@ def domain_run(tmp_path_factory, real_model) -> dict:
 def test_converted_tokenizer_puts_llama3_names_on_the_models_own_ids(real_model):
     from transformers import AutoTokenizer
 
-    from toolkit import modeling
-    from toolkit.encode import encode_prompt
+    from toolkit.data.encode import encode_prompt
+    from toolkit.model import loading
 
-    tokenizer = modeling.load_tokenizer(str(real_model))
+    tokenizer = loading.load_tokenizer(str(real_model))
     names = ["<|begin_of_text|>", "<|start_header_id|>", "<|eot_id|>", "<|end_header_id|>",
              "<|finetune_right_pad_id|>"]
     assert tokenizer.convert_tokens_to_ids(names) == [0, 1, 2, 3, 4]
@@ -174,13 +175,13 @@ def greedy_share(model_path: Path, replay_file: Path) -> tuple[float, int]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from toolkit import retention
-    from toolkit.recipe import recipe_from_dict
+    from toolkit.config.recipe import recipe_from_dict
+    from toolkit.evaluation import retention
 
     recipe = recipe_from_dict({"model": {"name": str(model_path)},
                                "data": {"train": str(DOMAIN_TRAIN), "replay": {"share": 0.25, "data": str(replay_file)}}})
     rows, section, _ = replay.general_rows(recipe.data)
-    tokenizer = modeling.load_tokenizer(str(model_path))
+    tokenizer = loading.load_tokenizer(str(model_path))
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     same = total = 0
     for example in retention.teacher_forced(rows, section, tokenizer):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from toolkit.config.recipe import load_recipe, recipe_from_dict, save_recipe
 from toolkit.errors import ToolkitError
-from toolkit.recipe import load_recipe, recipe_from_dict, save_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(ROOT.joinpath("recipes").glob("*.yaml"))
@@ -88,7 +88,7 @@ def test_resolved_recipe_round_trips(tmp_path):
 
 
 def test_readme_documents_every_recipe_key():
-    from toolkit.recipe import Recipe
+    from toolkit.config.recipe import Recipe
 
     readme = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text(encoding="utf-8")
     missing = []

@@ -1,4 +1,4 @@
-"""`data.replay`: general rows mixed into training (toolkit/replay.py), on the built-in model. Whether replay keeps a
+"""`data.replay`: general rows mixed into training (toolkit/data/replay.py), on the built-in model. Whether replay keeps a
 real model's general answers is tested in test_real_model.py."""
 
 from __future__ import annotations
@@ -7,12 +7,13 @@ import json
 
 import pytest
 import yaml
-
 from conftest import tiny_recipe, write_jsonl
-from toolkit import data, encode, modeling, replay
+
 from toolkit.cli import main
-from toolkit.prepare import prepare
-from toolkit.recipe import load_recipe
+from toolkit.config.recipe import load_recipe
+from toolkit.data import encode, reading, replay
+from toolkit.model import loading
+from toolkit.training.prepare import prepare
 
 
 def recipe_file(folder, files, data_changes: dict, **sections):
@@ -52,7 +53,7 @@ def test_shipped_rows_are_mixed_in_encoded_like_domain_rows(tmp_path, tiny_data)
     assert {source for source, _ in general} == {str(replay.shipped_set())}
     assert prepared.replay == replay.Replay("the shipped general set", 4, 4, 0.25)
     assert len(prepared.eval.rows) == 6  # eval rows are never mixed
-    tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
+    tokenizer = loading.load_tokenizer("builtin:tiny-mllama")
     shipped = shipped_rows()
     for row, example in list(zip(prepared.train.rows, prepared.train.examples))[12:]:
         fields = shipped[row.line - 1]
@@ -127,12 +128,12 @@ def test_shipped_general_set_is_well_formed_and_short():
     assert len(rows) == 51 and all(set(r) == {"instruction", "output"} for r in rows)
     assert len({r["instruction"] for r in rows}) == 51
     section = load_recipe_section()
-    parsed, problems = data.parse_rows(replay.shipped_set(), section)
+    parsed, problems = reading.parse_rows(replay.shipped_set(), section)
     assert problems == [] and len(parsed) == 51
 
 
 def load_recipe_section():
-    from toolkit.recipe import DataSection
+    from toolkit.config.recipe import DataSection
 
     return DataSection(train="unused.jsonl")
 
@@ -140,7 +141,7 @@ def load_recipe_section():
 def test_no_replay_question_is_a_question_of_the_retention_set():
     """Replay must not train on what `eval --retention` asks, or the drift it shrinks would be measured on
     questions it was taught."""
-    from toolkit import retention, terms
+    from toolkit.evaluation import retention, terms
 
     lines = retention.shipped_set().read_text(encoding="utf-8").splitlines()
     asked = {terms.normalize(json.loads(line)["instruction"]) for line in lines if line.strip()}

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 from PIL import Image
 
-from toolkit import resume
-from toolkit.recipe import recipe_from_dict
+from toolkit.config.recipe import recipe_from_dict
+from toolkit.runs import resume
 
 
 def prepared_for(folder: Path, images: list[str]):

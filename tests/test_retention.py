@@ -8,13 +8,15 @@ import shutil
 
 import pytest
 import torch
+from conftest import term_rows, tiny_recipe, write_jsonl
 from safetensors.torch import load_file, save_file
 
-from conftest import term_rows, tiny_recipe, write_jsonl
-from toolkit import data, formatters, retention, runs, terms
 from toolkit.cli import main
+from toolkit.config.recipe import RetentionSection, recipe_from_dict
+from toolkit.data import formatters
 from toolkit.errors import ToolkitError
-from toolkit.recipe import RetentionSection, recipe_from_dict
+from toolkit.evaluation import retention, terms
+from toolkit.runs import rundir
 
 QUICKSTART_LORA = {"r": 16, "alpha": 32, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                      "down_proj", "embed_tokens"]}
@@ -81,8 +83,8 @@ def test_warnings_name_the_threshold_crossed():
 
 @pytest.fixture(scope="module")
 def loaded_run(tiny_run):
-    model, tokenizer, recipe = runs.load_trained(tiny_run)
-    return model, tokenizer, recipe, runs.image_inputs(recipe, tokenizer)
+    model, tokenizer, recipe = rundir.load_trained(tiny_run)
+    return model, tokenizer, recipe, rundir.image_inputs(recipe, tokenizer)
 
 
 def test_the_base_against_itself_drifts_exactly_zero(loaded_run):
@@ -135,9 +137,9 @@ def test_a_run_trained_to_forget_drifts_more(tmp_path, tiny_data):
     (tmp_path / "quick").mkdir(), (tmp_path / "forget").mkdir()
     drift = {}
     for name, train_file, rate in (("quick", tiny_data["train"], 1e-3), ("forget", str(narrow), 1e-2)):
-        model, tokenizer, recipe = runs.load_trained(run_of(tmp_path / name, train_file, rate))
+        model, tokenizer, recipe = rundir.load_trained(run_of(tmp_path / name, train_file, rate))
         drift[name] = retention.measure(model, tokenizer, general_subset(recipe), max_new_tokens=4,
-                                        images=runs.image_inputs(recipe, tokenizer))
+                                        images=rundir.image_inputs(recipe, tokenizer))
     assert drift["forget"].kl_per_token > 1.2 * drift["quick"].kl_per_token, (drift["forget"].kl_per_token,
                                                                              drift["quick"].kl_per_token)
 
@@ -197,7 +199,7 @@ def test_retention_data_problems_stop_before_the_model_loads(tiny_run, tmp_path,
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(runs, "load_trained", no_model)
+    monkeypatch.setattr(rundir, "load_trained", no_model)
     assert main(["eval", str(tiny_run), "--retention-data", " "]) == 2
     assert "--retention-data is empty; name a general data file" in capsys.readouterr().out
     missing = tmp_path / "nope.jsonl"

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_recipe
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_recipe
-from toolkit import files, runs, trainer
 from toolkit.cli import main
+from toolkit.io import files
+from toolkit.runs import rundir
+from toolkit.training import trainer
 
 
 def sft(recipe: Path, run_dir: Path | str, *extra: str) -> int:
@@ -139,8 +141,8 @@ def test_a_diverged_run_is_never_saved_as_finished(tmp_path, tiny_data, monkeypa
     assert "training diverged: adapter weight" in out and "is NaN or inf after step 4" in out
     assert not files.is_complete(run_dir, "run")
     assert not (run_dir / "adapter_model.safetensors").exists()
-    assert sorted(p.name for p in runs.checkpoints(run_dir)) == ["checkpoint-2"]  # nothing saved after the NaN
-    assert runs.checkpoint_problem(run_dir / "checkpoint-2") is None
+    assert sorted(p.name for p in rundir.checkpoints(run_dir)) == ["checkpoint-2"]  # nothing saved after the NaN
+    assert rundir.checkpoint_problem(run_dir / "checkpoint-2") is None
     assert main(["eval", str(run_dir)]) == 2 and main(["merge", str(run_dir), "--output", str(tmp_path / "m")]) == 2
     assert main(["extract", str(run_dir), "--output", str(tmp_path / "a.safetensors")]) == 2
 
@@ -215,7 +217,8 @@ def test_every_reader_refuses_a_damaged_run_in_one_line(tiny_run, tmp_path, caps
 
 
 def test_merge_fails_closed_on_nan():
-    from toolkit.commands.merge import passes, verdict
+    from toolkit.commands.merge import verdict
+    from toolkit.export.merging import passes
 
     nan = float("nan")
     result = {"max_abs_delta": nan, "max_abs_logit": 3.0, "adapter_effect": 1.0}
@@ -225,7 +228,7 @@ def test_merge_fails_closed_on_nan():
 
 
 def test_metrics_json_is_strict_json(tmp_path):
-    from toolkit.report import write_json
+    from toolkit.ui.report import write_json
 
     write_json(tmp_path / "m.json", {"loss": float("nan"), "history": [{"grad_norm": float("inf")}, {"x": 1.5}]})
     text = (tmp_path / "m.json").read_text(encoding="utf-8")

@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import json
 
-from toolkit import serving
 from toolkit.cli import main
 from toolkit.commands import merge
+from toolkit.export import merging, serving
 
 
 def test_merge_writes_serving_notes_into_the_folder_before_it_is_put_in_place(tiny_run, tmp_path, monkeypatch):
     staged = {}
-    original = merge.put_in_place
+    original = merging.put_in_place
 
     def checking(staging, out, overwrite):
         staged.update({name: (staging / name).is_file() for name in (serving.SERVING_FILE, serving.MODELFILE)})
         return original(staging, out, overwrite)
 
-    monkeypatch.setattr(merge, "put_in_place", checking)
+    monkeypatch.setattr(merging, "put_in_place", checking)
     out = tmp_path / "site-model"
     assert main(["merge", str(tiny_run), "--output", str(out), "--dtype", "bf16"]) == 0
     assert staged == {serving.SERVING_FILE: True, serving.MODELFILE: True}

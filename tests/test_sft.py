@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
-import shutil
-
 import pytest
 import torch
+from conftest import tiny_recipe
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_recipe
-from toolkit import files, runs, trainer
-from toolkit.batching import length_grouped_order
 from toolkit.cli import main
-from toolkit.prepare import prepare
-from toolkit.recipe import load_recipe
+from toolkit.config.recipe import load_recipe
+from toolkit.data.batching import length_grouped_order
+from toolkit.io import files
+from toolkit.runs import rundir
+from toolkit.training import trainer
+from toolkit.training.prepare import prepare
 
 
 def lora_tensors(run_dir: Path) -> dict:
@@ -128,13 +129,13 @@ def test_quantized_lora_trains_on_cpu(tmp_path, tiny_data, monkeypatch, mode, qu
 
 
 def test_skip_modules_replaces_the_default_that_keeps_lm_head_unquantized():
-    from toolkit import modeling
-    from toolkit.recipe import recipe_from_dict
+    from toolkit.config.recipe import recipe_from_dict
+    from toolkit.model import loading
 
     def loaded(**quantization):
         recipe = recipe_from_dict({"model": {"name": "builtin:tiny-mllama"}, "data": {"train": "t.jsonl"},
                                    "quantization": {"mode": "8bit", **quantization}})
-        return modeling.load_model(recipe, "fp32", modeling.detect_accelerator())
+        return loading.load_model(recipe, "fp32", loading.detect_accelerator())
 
     assert layer_classes(loaded()) == ("Linear8bitLt", "Linear")
     model = loaded(skip_modules=["model.vision_model"])
@@ -198,7 +199,7 @@ def copy_of(run_dir: Path, tmp_path: Path) -> Path:
 
 def test_an_interrupted_run_is_kept_incomplete_and_refused_by_readers(six_steps, tmp_path, capsys):
     run_dir = six_steps["interrupted"]
-    assert sorted(p.name for p in runs.checkpoints(run_dir)) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in rundir.checkpoints(run_dir)) == ["checkpoint-2", "checkpoint-4"]
     assert not files.is_complete(run_dir, "run") and not (run_dir / files.LOCK).exists()
     assert main(["eval", str(run_dir)]) == 2
     assert "is an interrupted run" in capsys.readouterr().out
@@ -253,8 +254,8 @@ def test_resume_picks_the_highest_step_not_the_last_name(six_steps, tmp_path):
         state = json.loads(state_file.read_text(encoding="utf-8"))
         state_file.write_text(json.dumps({**state, "global_step": new}), encoding="utf-8")
         (run_dir / old).rename(run_dir / f"checkpoint-{new}")
-    assert [p.name for p in runs.checkpoints(run_dir)] == ["checkpoint-10", "checkpoint-8"]
-    assert runs.resumable_checkpoint(run_dir) == (run_dir / "checkpoint-10", [])
+    assert [p.name for p in rundir.checkpoints(run_dir)] == ["checkpoint-10", "checkpoint-8"]
+    assert rundir.resumable_checkpoint(run_dir) == (run_dir / "checkpoint-10", [])
 
 
 def test_resume_on_a_finished_run_changes_nothing(six_steps, tmp_path, capsys):
@@ -283,7 +284,7 @@ def test_a_checkpoint_that_fills_the_disk_is_one_line(tmp_path, tiny_data, monke
     assert capsys.readouterr().out.replace("\n", "").endswith(
         f"error: the disk holding {run_dir} is full ([enforce fail at inline_container.cc:672] . unexpected pos); "
         "free space, then continue with --resume (from checkpoint-1)")
-    assert [p.name for p in runs.checkpoints(run_dir)] == ["checkpoint-1"] and not files.is_complete(run_dir, "run")
+    assert [p.name for p in rundir.checkpoints(run_dir)] == ["checkpoint-1"] and not files.is_complete(run_dir, "run")
     monkeypatch.setattr(files, "FULL_BELOW", 0)  # with space left the same failure is not blamed on the disk
     assert main(["sft", str(recipe), "--output-dir", str(tmp_path / "other")]) == 1
     assert "unexpected RuntimeError in toolkit sft" in capsys.readouterr().out
@@ -327,7 +328,7 @@ def test_validate_checks_without_training(tmp_path, tiny_data, capsys):
 def test_a_run_keeps_the_built_in_build_it_was_trained_on(tiny_run, tmp_path):
     import shutil
 
-    from toolkit import runs
+    from toolkit.runs import rundir
 
     copy = tmp_path / "old-run"
     shutil.copytree(tiny_run, copy)
@@ -337,10 +338,10 @@ def test_a_run_keeps_the_built_in_build_it_was_trained_on(tiny_run, tmp_path):
     shutil.copytree(config["base_model_name_or_path"], older)
     config["base_model_name_or_path"] = str(older)
     config_path.write_text(json.dumps(config), encoding="utf-8")
-    assert runs.open_run(copy).model.name == str(older)
+    assert rundir.open_run(copy).model.name == str(older)
     shutil.rmtree(older)
     with pytest.raises(Exception, match="earlier build of builtin:tiny-mllama"):
-        runs.open_run(copy)
+        rundir.open_run(copy)
 
 
 def snapshot(run_dir: Path) -> dict:
@@ -348,12 +349,12 @@ def snapshot(run_dir: Path) -> dict:
 
 
 def refuse_model_loading(monkeypatch):
-    from toolkit import modeling
+    from toolkit.model import loading
 
     def load_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the resume was checked")
 
-    monkeypatch.setattr(modeling, "load_model", load_model)
+    monkeypatch.setattr(loading, "load_model", load_model)
 
 
 def resume_refusal(six_steps, tmp_path, monkeypatch, capsys, *overrides: str, extra=()) -> tuple[Path, str]:
@@ -422,7 +423,7 @@ def test_resume_on_a_number_of_processes_that_changes_the_global_batch_is_refuse
 
 
 def test_resume_on_a_number_of_processes_that_keeps_the_global_batch_goes_ahead(six_steps, tmp_path, monkeypatch):
-    from toolkit import distributed
+    from toolkit.training import distributed
 
     launched = []
     monkeypatch.setattr(distributed, "launch", lambda argv, processes: launched.append((argv, processes)) or 1)

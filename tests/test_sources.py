@@ -8,12 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_recipe, write_jsonl
-from toolkit import sources
+
 from toolkit.cli import main
-from toolkit.data import encode_rows, parse_rows
-from toolkit.recipe import DataSection
+from toolkit.config.recipe import DataSection
+from toolkit.data import sources
+from toolkit.data.encode import encode_rows
+from toolkit.data.reading import parse_rows
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "data" / "samples"
@@ -76,10 +77,10 @@ def problems(path: Path) -> list[str]:
 
 
 def test_the_same_20_construction_rows_train_to_identical_ids_and_masks_from_every_file_type(tmp_path):
-    from toolkit import modeling
+    from toolkit.model import loading
 
     rows = construction_rows()
-    tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
+    tokenizer = loading.load_tokenizer("builtin:tiny-mllama")
     encoded = {}
     for kind, path in every_type(tmp_path, rows).items():
         parsed, found = read(path)
@@ -113,11 +114,11 @@ def chat_shaped(folder: Path, rows: list[dict]) -> dict[str, Path]:
 
 
 def test_an_empty_or_absent_optional_field_is_the_same_in_every_file_type(tmp_path):
-    from toolkit import modeling
+    from toolkit.model import loading
 
     rows = [{"instruction": "레미콘을 설명하세요.", "output": "레미콘은 공장에서 배합한 콘크리트이다."},
             {"instruction": "양생을 설명하세요.", "input": "", "output": "양생은 콘크리트를 굳히는 일이다."}]
-    tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
+    tokenizer = loading.load_tokenizer("builtin:tiny-mllama")
     with_input = [{**rows[0], "input": ""}, rows[1]]
     paths = {**every_type(tmp_path, rows), "csv": write_csv(tmp_path / "empty_cell.csv", with_input)}
     encodings = {kind: encode_rows(read(path)[0], ALPACA, tokenizer, limit=512).examples for kind, path in paths.items()}

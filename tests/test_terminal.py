@@ -5,7 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 
 from toolkit.commands import eval as eval_command
-from toolkit.terminal import one_line, visible
+from toolkit.evaluation import scoring
+from toolkit.ui.terminal import one_line, visible
 
 HOSTILE = "a\x1b[2J\x00b\r\nc\td\u202eevil\u2066x\u200fy\x85z\x7f\ud800"
 
@@ -49,8 +50,8 @@ def test_the_examples_table_shows_data_escaped_and_short(monkeypatch):
 
 
 def test_the_examples_table_shows_the_question_of_messages_and_sharegpt_rows(monkeypatch):
-    from toolkit import data
-    from toolkit.recipe import DataSection
+    from toolkit.config.recipe import DataSection
+    from toolkit.data import reading
 
     console = Console(width=100, record=True, color_system=None, file=open("/dev/null", "w"))
     monkeypatch.setattr(eval_command, "console", console)
@@ -59,7 +60,7 @@ def test_the_examples_table_shows_the_question_of_messages_and_sharegpt_rows(mon
     sharegpt = [{"from": "human" if t["role"] == "user" else "gpt", "value": t["content"]} for t in turns]
     for formatter, fields in (("messages", {"messages": turns}), ("sharegpt", {"conversations": sharegpt})):
         section = DataSection(train="t.jsonl", formatter=formatter)
-        records = eval_command.prediction_records([data.Row("t.jsonl", 1, fields)], section, [None], ["답변"], None)
+        records = scoring.prediction_records([reading.Row("t.jsonl", 1, fields)], section, [None], ["답변"], None)
         console.export_text()  # clear what an earlier table recorded
         eval_command.show_examples(records, compare=False)
         first_row = [line.rstrip() for line in console.export_text().splitlines()][4]

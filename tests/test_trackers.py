@@ -6,12 +6,13 @@ from __future__ import annotations
 from importlib.util import find_spec
 
 import pytest
-
 from conftest import tiny_recipe
+
 from toolkit.cli import main
+from toolkit.config.precision import Accelerator
+from toolkit.config.recipe import TrainSection, recipe_from_dict
+from toolkit.config.translate import to_sft_config
 from toolkit.errors import ToolkitError
-from toolkit.recipe import TrainSection, recipe_from_dict
-from toolkit.translate import Accelerator, to_sft_config
 
 CPU = Accelerator(cuda=False, bf16=False)
 MINIMAL = {"model": {"name": "builtin:tiny-mllama"}, "data": {"train": "train.jsonl"}}
@@ -60,7 +61,7 @@ def test_a_missing_tracker_package_is_one_line_before_training(tmp_path, tiny_da
 def test_comet_needs_its_own_package_name(monkeypatch):
     import transformers.integrations as integrations
 
-    from toolkit.trackers import check_installed
+    from toolkit.training.trackers import check_installed
 
     monkeypatch.setattr(integrations, "is_comet_available", lambda: False)
     with pytest.raises(ToolkitError, match=r"^train.report_to: comet_ml is not installed; pip install comet-ml, or"):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from toolkit import modeling, trainer
-from toolkit.commands.bench import synthetic_rows
-from toolkit.recipe import recipe_from_dict
-from toolkit.translate import Accelerator
+from toolkit.bench.harness import synthetic_rows
+from toolkit.config.precision import Accelerator
+from toolkit.config.recipe import recipe_from_dict
+from toolkit.model import loading
+from toolkit.training import trainer
 
 
 def train_two_steps(tmp_path, token_metrics: bool, batch_size: int = 2, grad_accum: int = 1,
@@ -20,7 +21,7 @@ def train_two_steps(tmp_path, token_metrics: bool, batch_size: int = 2, grad_acc
                   "token_metrics": token_metrics},
         "lora": {"dropout": 0.0},
     })
-    tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
+    tokenizer = loading.load_tokenizer("builtin:tiny-mllama")
     rows = Dataset.from_list(synthetic_rows(list(lengths), 900, seed=0))
     built, _ = trainer.build_trainer(recipe, precision="fp32", device=Accelerator(cuda=False, bf16=False),
                                      tokenizer=tokenizer, train_dataset=rows, output_dir=str(tmp_path),

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from toolkit.config.precision import Accelerator, resolve_precision
+from toolkit.config.quantization import to_bnb_config
+from toolkit.config.recipe import QuantizationSection, TrainSection
+from toolkit.config.translate import to_sft_config
 from toolkit.errors import ToolkitError
-from toolkit.recipe import QuantizationSection, TrainSection
-from toolkit.translate import Accelerator, resolve_precision, to_bnb_config, to_sft_config
 
 CPU = Accelerator(cuda=False, bf16=False)
 H100 = Accelerator(cuda=True, bf16=True, name="NVIDIA H100")

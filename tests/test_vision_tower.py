@@ -1,4 +1,4 @@
-"""The vision tower runs as transformers' Mllama computes it, with less work (toolkit.vision_tower).
+"""The vision tower runs as transformers' Mllama computes it, with less work (toolkit.model.vision_tower).
 
 A small 4-tile Mllama (the built-in model has 1 tile) with every gate open, so tile embeddings and images change
 the logits. fp32 on CPU: the split attention, the filled tiles and the native path agree to float rounding.
@@ -11,9 +11,12 @@ import torch
 from PIL import Image
 from transformers import MllamaConfig, MllamaForConditionalGeneration
 from transformers.models.mllama import modeling_mllama
-from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+from transformers.models.mllama.image_processing_pil_mllama import (
+    MllamaImageProcessorPil,
+)
 
-from toolkit import vision, vision_tower
+from toolkit.data import vision
+from toolkit.model import vision_tower
 
 TILE = 28
 IMAGE_ID = 99
@@ -142,12 +145,14 @@ def test_filled_differs_from_padded_only_by_the_padded_tiles_real_tokens_read(im
 
 def built_for_images(tmp_path, scope: str):
     """The trainer `sft` builds for an image data set, with gradient checkpointing, and one image batch."""
+    from conftest import write_jsonl
     from datasets import Dataset
 
-    from conftest import write_jsonl
-    from toolkit import data, modeling, trainer
-    from toolkit.recipe import recipe_from_dict
-    from toolkit.translate import Accelerator
+    from toolkit.config.precision import Accelerator
+    from toolkit.config.recipe import recipe_from_dict
+    from toolkit.data import encode, reading
+    from toolkit.model import loading
+    from toolkit.training import trainer
 
     Image.new("RGB", (40, 40), (200, 40, 40)).save(tmp_path / "a.png")
     rows = [{"image": "a.png", "instruction": "무엇입니까?", "output": "상자 그림입니다."}] * 2
@@ -157,12 +162,12 @@ def built_for_images(tmp_path, scope: str):
         "train": {"batch_size": 2, "max_steps": 1, "gradient_checkpointing": True},
         "lora": {"dropout": 0.0, "scope": scope, **({"targets": ["q_proj", "v_proj"]} if scope == "all" else {})},
     })
-    tokenizer = modeling.load_tokenizer("builtin:tiny-mllama")
-    encoded = data.encode_rows([data.Row(str(train), i + 1, r) for i, r in enumerate(rows)], recipe.data,
+    tokenizer = loading.load_tokenizer("builtin:tiny-mllama")
+    encoded = encode.encode_rows([reading.Row(str(train), i + 1, r) for i, r in enumerate(rows)], recipe.data,
                                tokenizer, 256)
-    collator, settings = vision.training_collator(recipe, modeling.load_config("builtin:tiny-mllama"), tokenizer,
+    collator, settings = vision.training_collator(recipe, loading.load_config("builtin:tiny-mllama"), tokenizer,
                                                   "fp32")
-    dataset = data.to_dataset(encoded.examples)
+    dataset = encode.to_dataset(encoded.examples)
     built, _ = trainer.build_trainer(recipe, precision="fp32", device=Accelerator(cuda=False, bf16=False),
                                      tokenizer=tokenizer, train_dataset=dataset, output_dir=str(tmp_path / "out"),
                                      data_collator=collator, save_strategy="no", **settings)

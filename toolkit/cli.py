@@ -142,8 +142,8 @@ def print_error(message: str, label: str = "error:") -> None:
     interpreted."""
     from rich.text import Text
 
-    from toolkit.report import console
-    from toolkit.terminal import visible
+    from toolkit.ui.report import console
+    from toolkit.ui.terminal import visible
 
     console.print(Text.assemble((label, "bold red"), " ", visible(message)), soft_wrap=True)
 
@@ -173,7 +173,7 @@ def debug_environment(debug: bool):
 def run_command(name: str, argv: list[str], debug: bool) -> int:
     """Run one command and turn every way it can fail into one line and an exit code."""
     from toolkit.errors import ToolkitError, first_line
-    from toolkit.files import says_disk_full
+    from toolkit.io.files import says_disk_full
 
     try:
         set_environment()

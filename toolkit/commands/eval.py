@@ -1,10 +1,10 @@
 """`toolkit eval RUN_DIR`: generate answers for held-out rows and measure whether they use the key terms.
 
-The prompt is exactly the training prompt (`data.prompt_ids`), decoding is greedy, and the metrics are the local
+The prompt is exactly the training prompt (`encode.prompt_ids`), decoding is greedy, and the metrics are the local
 `evaluate` scripts in `toolkit/metrics/` (term_accuracy, term_recall, exact_match; matching rule in
-`toolkit.terms`). `--compare-base` runs the same prompts through the same loaded model with the adapter switched
+`toolkit.evaluation.terms`). `--compare-base` runs the same prompts through the same loaded model with the adapter switched
 off, so base and tuned differ only by the adapter. `--retention` also asks a general set with the adapter on and
-off and reports the drift beside the domain gain (`toolkit.retention`).
+off and reports the drift beside the domain gain (`toolkit.evaluation.retention`).
 """
 
 from __future__ import annotations
@@ -13,13 +13,16 @@ import argparse
 import json
 from pathlib import Path
 
-from toolkit import data, files, formatters, generation, modeling, retention, runs, sources, terminal, terms
-from toolkit.errors import ToolkitError
-from toolkit.report import console, show, write_json
 from toolkit.commands.common import answer_length, positive_int
+from toolkit.data import encode, reading
+from toolkit.errors import ToolkitError
+from toolkit.evaluation import generation, retention, scoring
+from toolkit.io import files
+from toolkit.model import loading
+from toolkit.runs import rundir
+from toolkit.ui import terminal
+from toolkit.ui.report import console, show, write_json
 
-METRICS_DIR = Path(__file__).resolve().parent.parent / "metrics"
-METRIC_NAMES = ("term_accuracy", "term_recall", "exact_match")
 EVAL_JSON = "eval.json"
 PREDICTIONS_FILE = "eval_predictions.jsonl"
 RETENTION_FILE = "retention_predictions.jsonl"
@@ -47,75 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_rows(paths: str | list[str], key: str, section) -> list[data.Row]:
-    """Parse and check data files, with an error that names the option or recipe key they came from."""
-    rows = []
-    for path in data.file_list(paths):
-        problems = sources.check_exists(path, key)
-        if problems:
-            raise ToolkitError(problems[0])
-        file_rows, problems = data.parse_rows(Path(path), section)
-        data.raise_problems(problems, key)
-        rows += file_rows
-    return rows
 
 
-def eval_rows(recipe, data_file: str | None) -> tuple[list[data.Row], str]:
-    """The rows to evaluate and where they came from: --data, else the recipe's eval file or held-out split.
-
-    The held-out split is recomputed with the recipe's seed, which gives exactly the rows training held out.
-    """
-    section = recipe.data
-    if data_file:
-        return read_rows(data_file, "--data", section), data_file
-    if section.eval:
-        return read_rows(section.eval, "data.eval", section), ", ".join(data.file_list(section.eval))
-    if section.eval_fraction > 0:
-        from toolkit.prepare import held_out_rows
-
-        where = f"{section.train} (held-out eval_fraction={section.eval_fraction:g}, seed {recipe.train.seed})"
-        return held_out_rows(recipe), where
-    raise ToolkitError("no eval rows: the run's recipe has no data.eval file and no data.eval_fraction; "
-                       "pass --data FILE")
 
 
-def glossary_for(recipe, rows: list[data.Row]) -> list[str] | None:
-    """The recipe's glossary, read only when some row has no `terms` of its own (otherwise it is never used)."""
-    path = recipe.data.glossary
-    if not path or all(row.fields.get("terms") is not None for row in rows):
-        return None
-    problems = sources.check_exists(path, "data.glossary")
-    if problems:
-        raise ToolkitError(problems[0])
-    return data.read_glossary(path)
 
 
-def key_terms_for(recipe, rows: list[data.Row], references: list[str]) -> list[list[str] | None]:
-    """Each row's key terms: its own `terms`, else the glossary's terms in its reference answer (toolkit.terms)."""
-    glossary = glossary_for(recipe, rows)
-    return [terms.key_terms({"terms": row.fields.get("terms"), "output": reference}, glossary)
-            for row, reference in zip(rows, references)]
 
 
-def load_metrics() -> dict:
-    """The three local evaluate scripts; keep_in_memory so computing writes no Arrow cache or lock files."""
-    import evaluate
-
-    return {name: evaluate.load(str(METRICS_DIR / f"{name}.py"), keep_in_memory=True) for name in METRIC_NAMES}
 
 
-def score(metrics: dict, predictions: list[str], references: list[str], key_terms: list[list[str] | None]) -> dict:
-    """n_examples and the three metrics for one set of answers; term metrics are None when no row has key terms."""
-    term_lists = [t or [] for t in key_terms]
-    result = {"n_examples": len(predictions)}
-    for name in ("term_accuracy", "term_recall"):
-        result.update(metrics[name].compute(predictions=predictions, references=term_lists))
-    result.update(metrics["exact_match"].compute(predictions=predictions, references=references))
-    return result
 
 
-def delta(tuned: dict, base: dict) -> dict:
-    return {k: None if tuned[k] is None or base[k] is None else tuned[k] - base[k] for k in METRIC_NAMES}
 
 
 def cell(value, signed: bool = False) -> str:
@@ -127,10 +73,10 @@ def cell(value, signed: bool = False) -> str:
 def show_summary(tuned: dict, base: dict | None, source: str) -> None:
     title = f"Eval: {tuned['n_examples']} rows from {source}"  # report.table shows titles as plain text
     if base is None:
-        show(title, ["metric", "tuned"], [[name, cell(tuned[name])] for name in METRIC_NAMES])
+        show(title, ["metric", "tuned"], [[name, cell(tuned[name])] for name in scoring.METRIC_NAMES])
         return
-    change = delta(tuned, base)
-    rows = [[name, cell(base[name]), cell(tuned[name]), cell(change[name], signed=True)] for name in METRIC_NAMES]
+    change = scoring.delta(tuned, base)
+    rows = [[name, cell(base[name]), cell(tuned[name]), cell(change[name], signed=True)] for name in scoring.METRIC_NAMES]
     show(title, ["metric", "base", "tuned", "Δ"], rows)
 
 
@@ -139,7 +85,7 @@ def show_drift(domain: dict, base: dict, kept: retention.Retention, notes: list[
     general_change = kept.delta["term_accuracy"]
     rows = [
         [f"domain term_accuracy ({domain['n_examples']} rows)", cell(base["term_accuracy"]),
-         cell(domain["term_accuracy"]), cell(delta(domain, base)["term_accuracy"], signed=True)],
+         cell(domain["term_accuracy"]), cell(scoring.delta(domain, base)["term_accuracy"], signed=True)],
         [f"general term_accuracy ({kept.n_examples} rows)", cell(kept.base["term_accuracy"]),
          cell(kept.tuned["term_accuracy"]), cell(general_change, signed=True)],
         [f"general KL(tuned||base)/token ({kept.answer_tokens})", "", "",
@@ -163,7 +109,7 @@ def general_set(recipe, args) -> retention.GeneralSet | None:
     path, key = args.retention_data, "--retention-data"
     if path is None and recipe.retention.data is not None:
         path, key = recipe.retention.data, "retention.data"
-    reads_images = modeling.is_vision_config(modeling.load_config(recipe.model.name, recipe.model.revision))
+    reads_images = loading.is_vision_config(loading.load_config(recipe.model.name, recipe.model.revision))
     return retention.load_general_set(recipe.data, path, key, reads_images=reads_images)
 
 
@@ -173,7 +119,7 @@ def column_width(columns: int) -> int:
 
 
 def clip(text: str | None, width: int):
-    """Data text as a table cell: on one line with terminal controls escaped (`toolkit.terminal.one_line`), then
+    """Data text as a table cell: on one line with terminal controls escaped (`toolkit.ui.terminal.one_line`), then
     cut to EXAMPLE_LINES lines of `width` cells, the last ending in `…` when something was cut."""
     from rich.text import Text
 
@@ -205,25 +151,6 @@ def show_examples(records: list[dict], compare: bool) -> None:
     console.print(table)
 
 
-def prediction_records(rows, section, key_terms, tuned: list[str], base: list[str] | None) -> list[dict]:
-    """One record per row for eval_predictions.jsonl: what was asked, expected, answered and which terms were missed."""
-    records = []
-    for i, row in enumerate(rows):
-        conversation = data.conversation(row, section)
-        record = {
-            "question": formatters.question_text(conversation),
-            "instruction": row.fields.get("instruction"),
-            "input": row.fields.get("input"),
-            "images": formatters.images_in(conversation),
-            "reference": formatters.answer_text(conversation),
-            "prediction": tuned[i],
-        }
-        if base is not None:
-            record["base_prediction"] = base[i]
-        found, missing = terms.split_terms(tuned[i], key_terms[i]) if key_terms[i] is not None else (None, None)
-        record.update({"terms": key_terms[i], "terms_found": found, "terms_missing": missing})
-        records.append(record)
-    return records
 
 
 def write_predictions(path: Path, records: list[dict]) -> None:
@@ -258,20 +185,20 @@ def main(argv: list[str]) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise ToolkitError(f"run directory not found: {run_dir}")
-    recipe = runs.open_run(run_dir)
-    rows, source = eval_rows(recipe, args.data)
+    recipe = rundir.open_run(run_dir)
+    rows, source = scoring.eval_rows(recipe, args.data)
     rows = rows[: args.limit] if args.limit else rows
-    references = [data.reference(row, recipe.data) for row in rows]
-    key_terms = key_terms_for(recipe, rows, references)
+    references = [reading.reference(row, recipe.data) for row in rows]
+    key_terms = scoring.key_terms_for(recipe, rows, references)
     json_path = Path(args.json) if args.json else run_dir / EVAL_JSON
     general = general_set(recipe, args)
     check_outputs(run_dir, json_path)
-    metrics = load_metrics()
+    metrics = scoring.load_metrics()
 
-    model, tokenizer, recipe = runs.load_trained(run_dir, quantize=not args.no_quantize)
-    prompts = [data.prompt(row, recipe.data, tokenizer) for row in rows]
+    model, tokenizer, recipe = rundir.load_trained(run_dir, quantize=not args.no_quantize)
+    prompts = [encode.prompt(row, recipe.data, tokenizer) for row in rows]
     with_images = any(p.images for p in prompts) or (general is not None and general.image_rows > 0)
-    images = runs.image_inputs(recipe, tokenizer) if with_images else None
+    images = rundir.image_inputs(recipe, tokenizer) if with_images else None
     settings = (tokenizer, prompts, args.batch_size, args.max_new_tokens)
     tuned_answers = generation.generate_answers(model, *settings, label="tuned", images=images)
     base_answers = None
@@ -279,13 +206,13 @@ def main(argv: list[str]) -> int:
         with model.disable_adapter():
             base_answers = generation.generate_answers(model, *settings, label="base", images=images)
 
-    summary = score(metrics, tuned_answers, references, key_terms)
-    base = score(metrics, base_answers, references, key_terms) if base_answers is not None else None
+    summary = scoring.score(metrics, tuned_answers, references, key_terms)
+    base = scoring.score(metrics, base_answers, references, key_terms) if base_answers is not None else None
     show_summary(summary, base, source)
     if summary["term_accuracy"] is None:
         console.print("term metrics n/a: the rows have no 'terms' and the recipe names no data.glossary "
                       "(or no glossary term occurs in the references)")
-    records = prediction_records(rows, recipe.data, key_terms, tuned_answers, base_answers)
+    records = scoring.prediction_records(rows, recipe.data, key_terms, tuned_answers, base_answers)
     show_examples(records, base is not None)
     kept = notes = None
     if general is not None:
@@ -296,7 +223,7 @@ def main(argv: list[str]) -> int:
 
     if base is not None:
         summary["base"] = base
-        summary["delta"] = delta(summary, base)
+        summary["delta"] = scoring.delta(summary, base)
     summary.update({"data": source, "run_dir": str(run_dir)})
     written = [json_path, run_dir / PREDICTIONS_FILE]
     if kept is not None:

@@ -12,9 +12,10 @@ import json
 import shutil
 from pathlib import Path
 
-from toolkit import files, runs
 from toolkit.errors import ToolkitError
-from toolkit.report import console, show
+from toolkit.io import files
+from toolkit.runs import rundir
+from toolkit.ui.report import console, show
 
 SUFFIXES = {"safetensors": ".safetensors", "pt": ".pt"}
 DEFAULT_NAME = "adapter_state_dict"
@@ -97,7 +98,7 @@ def adapter_state_dict(run_dir: Path) -> dict:
     """The adapter's tensors as PEFT names them, on the CPU and contiguous (safetensors needs both)."""
     from peft import get_peft_model_state_dict
 
-    model, _, _ = runs.load_trained(run_dir)
+    model, _, _ = rundir.load_trained(run_dir)
     return {key: tensor.detach().to("cpu").contiguous() for key, tensor in get_peft_model_state_dict(model).items()}
 
 
@@ -141,7 +142,7 @@ def mismatches(expected: dict, found: dict) -> list[str]:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     run_dir = files.expand(args.run_dir)
-    runs.open_run(run_dir)  # a clear error before any model is loaded
+    rundir.open_run(run_dir)  # a clear error before any model is loaded
     fmt = choose_format(args.output, args.format)
     path, config_path = output_paths(run_dir, args.output, fmt)
     check_outputs((path, config_path), args.overwrite)
@@ -152,7 +153,7 @@ def main(argv: list[str]) -> int:
     with files.staged_file(path, replace=args.overwrite) as staged, \
             files.staged_file(config_path, replace=args.overwrite) as staged_config:
         write_state_dict(tensors, staged, fmt)
-        shutil.copyfile(run_dir / runs.ADAPTER_CONFIG, staged_config)
+        shutil.copyfile(run_dir / rundir.ADAPTER_CONFIG, staged_config)
         problems = mismatches(tensors, read_state_dict(staged, fmt))
         if problems:  # raising keeps the staged files from being renamed into place
             listed = "\n".join(f"  {p}" for p in problems[:10])

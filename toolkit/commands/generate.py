@@ -11,11 +11,14 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from toolkit import data, files, generation, runs, vision
-from toolkit.errors import ToolkitError
-from toolkit.report import console
-from toolkit.terminal import visible
 from toolkit.commands.common import answer_length
+from toolkit.data import encode, vision
+from toolkit.errors import ToolkitError
+from toolkit.evaluation import generation
+from toolkit.io import files
+from toolkit.runs import rundir
+from toolkit.ui.report import console
+from toolkit.ui.terminal import visible
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +50,8 @@ def check_image(path: str | None) -> None:
 def prompt_ids(text: str, recipe, tokenizer, image: str | None = None) -> dict:
     """The question as one user turn, rendered as training rendered rows (system prompt, pinned date; with
     --image, the image first and no system prompt), with the image's inputs for the model."""
-    prompt = data.question_prompt(text, recipe.data, tokenizer, str(files.expand(image)) if image else None)
-    images = runs.image_inputs(recipe, tokenizer) if prompt.images else None
+    prompt = encode.question_prompt(text, recipe.data, tokenizer, str(files.expand(image)) if image else None)
+    images = rundir.image_inputs(recipe, tokenizer) if prompt.images else None
     if prompt.images and images is None:
         raise ToolkitError(f"--image: {recipe.model.name} is not a vision model; it cannot read images")
     return generation.prompt_batch(tokenizer, [prompt], "cpu", images)
@@ -79,7 +82,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     text = user_text(args.prompt)
     check_image(args.image)
-    model, tokenizer, recipe = runs.load_trained(Path(args.run_dir))
+    model, tokenizer, recipe = rundir.load_trained(Path(args.run_dir))
     encoded = prompt_ids(text, recipe, tokenizer, args.image)
     which = "base model, adapter off" if args.base else "base + adapter"
     console.print(f"{args.run_dir} ({which}), greedy, at most {args.max_new_tokens} new tokens", style="dim",

@@ -20,10 +20,11 @@ from pathlib import Path
 import yaml
 from rich.markup import escape
 
-from toolkit import files, sources
+from toolkit.config.recipe import recipe_from_dict
+from toolkit.data import sources
 from toolkit.errors import ToolkitError
-from toolkit.recipe import recipe_from_dict
-from toolkit.report import console
+from toolkit.io import files
+from toolkit.ui.report import console
 
 TEMPLATE = "assets/new_recipe.yaml"
 MARKER = "# Written by toolkit new-recipe"  # the start of the template's second line

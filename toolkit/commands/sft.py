@@ -10,13 +10,17 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from toolkit import activations, data, distributed, files, lora, memory, resume, runs, sampling, trainer, vision
-from toolkit.batching import length_grouped_order, shared_modality_batches
 from toolkit.commands.common import add_recipe_arguments, non_negative_int, positive_int
+from toolkit.config.recipe import load_recipe
+from toolkit.data import vision
+from toolkit.data.batching import length_grouped_order, shared_modality_batches
 from toolkit.errors import ToolkitError
-from toolkit.prepare import prepare, show_plan
-from toolkit.recipe import load_recipe
-from toolkit.report import console, show
+from toolkit.io import files
+from toolkit.model import lora
+from toolkit.runs import resume, rundir
+from toolkit.training import activations, distributed, memory, samples, trainer
+from toolkit.training.prepare import prepare, show_plan
+from toolkit.ui.report import console, show
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +82,7 @@ def training_order(prepared) -> list[int]:
 def shared_batches(prepared, processes: int) -> list[list[int]] | None:
     """With several processes and train rows both with and without images: the micro-batches, round by round, so
     that each step is an image step on every process or a text step on every process
-    (`toolkit.batching.shared_modality_batches`); None where every step is one modality anyway."""
+    (`toolkit.data.batching.shared_modality_batches`); None where every step is one modality anyway."""
     with_images = list(prepared.train.image_flags) if processes > 1 else []
     if processes == 1 or len(set(with_images)) != 2:
         return None
@@ -128,7 +132,7 @@ def train(prepared, run_dir: Path, resume_from: Path | None, strategy: str = "dd
         callbacks=[trainer.RichProgressCallback(), guard], data_collator=collator, **settings,
     )
     built.shared_batches = batches
-    sampling.attach(built, prepared, strategy)  # train.sample_every: answers during training
+    samples.attach(built, prepared, strategy)  # train.sample_every: answers during training
     show_placement(built.model, prepared.train)
     started = time.time()
     result = trainer.run_training(built, recipe, prepared.precision, strategy, resume_from)
@@ -177,7 +181,7 @@ def report_changes(changes: dict) -> None:
 
 def train_and_save(prepared, run_dir: Path, resume_from: Path | None, strategy: str) -> None:
     built, result, seconds = train(prepared, run_dir, resume_from, strategy)
-    summary = runs.save_run(built, prepared, run_dir, result, seconds)
+    summary = rundir.save_run(built, prepared, run_dir, result, seconds)
     show("Training done", ["metric", "value"],
          [[k, v] for k, v in summary.items() if not isinstance(v, (dict, list))])
     console.print(f"Adapter and run files in [bold]{escape(str(run_dir))}[/]. "
@@ -194,7 +198,7 @@ def launch_workers(args, run_dir: Path) -> int:
     """Start one training process per GPU under torch.distributed.run; this process keeps the run's lock."""
     console.print(f"starting {args.gpus} training processes ({args.strategy})")
     code = distributed.launch(worker_arguments(args, run_dir), args.gpus)
-    if code != 0 or not files.is_complete(run_dir, runs.KIND):
+    if code != 0 or not files.is_complete(run_dir, rundir.KIND):
         raise ToolkitError(f"a training process failed (exit code {code}); {run_dir} is left incomplete")
     return 0
 
@@ -209,8 +213,8 @@ def launch_node(args, run_dir: Path, rendezvous: distributed.Rendezvous) -> int:
     code, started, detail = distributed.launch_nodes(worker_arguments(args, run_dir), args.gpus, rendezvous)
     if not started:
         marker = files.read_marker(run_dir) or {}
-        interrupted = marker.get("kind") == runs.KIND and marker.get("complete") is False
-        kept = ("is unchanged: incomplete, and resumable with --resume" if interrupted and runs.checkpoints(run_dir)
+        interrupted = marker.get("kind") == rundir.KIND and marker.get("complete") is False
+        kept = ("is unchanged: incomplete, and resumable with --resume" if interrupted and rundir.checkpoints(run_dir)
                 else "was not touched")
         raise ToolkitError(f"node {rendezvous.node_rank}: the {rendezvous.nodes} nodes did not all meet at "
                            f"{rendezvous.endpoint} within --join-timeout {rendezvous.timeout} s"
@@ -224,7 +228,7 @@ def launch_node(args, run_dir: Path, rendezvous: distributed.Rendezvous) -> int:
 
 
 def start_record_steps(prepared, processes: int, strategy: str, run_dir: Path):
-    """What a run is started with (`toolkit.resume`): the check a resume must pass before the run directory changes
+    """What a run is started with (`toolkit.runs.resume`): the check a resume must pass before the run directory changes
     and any model loads, and what to write once the directory is claimed (the record, or what the resume changed)."""
     started = resume.start_record(prepared, processes, strategy)
     changes = {}
@@ -253,11 +257,11 @@ def claimed_by_rank_zero(run_dir: Path, overwrite: bool, resume: bool, wait_s: f
         if "error" in outcome:
             raise ToolkitError(outcome["error"])
         resume_from = Path(outcome["resume_from"]) if outcome.get("resume_from") else None
-        yield runs.Claim(run_dir, created=False, resume_from=resume_from, finished=outcome["finished"])
+        yield rundir.Claim(run_dir, created=False, resume_from=resume_from, finished=outcome["finished"])
         return
     shared = False
     try:
-        with runs.claimed_run_dir(run_dir, overwrite, resume, check=check) as claim:
+        with rundir.claimed_run_dir(run_dir, overwrite, resume, check=check) as claim:
             distributed.share_claim_outcome({"finished": claim.finished, "resume_from":
                                              str(claim.resume_from) if claim.resume_from else None})
             shared = True
@@ -273,7 +277,7 @@ def train_as_worker(args, prepared, run_dir: Path) -> int:
     """One of several training processes: under `--gpus` the launching process holds the run directory; under
     `--nodes` or a torchrun started by hand, the global rank 0 claims it for everyone."""
     if os.environ.get(distributed.HELD_ENV):
-        resume_from = runs.resumable_checkpoint(run_dir)[0] if args.resume else None
+        resume_from = rundir.resumable_checkpoint(run_dir)[0] if args.resume else None
         train_and_save(prepared, run_dir, resume_from, args.strategy)
         return 0
     if not distributed.launched_by_torchrun():
@@ -322,7 +326,7 @@ def main(argv: list[str]) -> int:
     if args.gpus > 1:
         check_shared_steps(prepared, args.gpus, args.strategy)
     same_run, write = start_record_steps(prepared, args.gpus, args.strategy, run_dir)
-    with runs.claimed_run_dir(run_dir, args.overwrite, args.resume, check=same_run) as claim:
+    with rundir.claimed_run_dir(run_dir, args.overwrite, args.resume, check=same_run) as claim:
         if claim.finished:
             console.print(f"{escape(str(run_dir))} is a finished run; --resume only continues an interrupted one, "
                           "so nothing was trained (start a new run to train longer)", soft_wrap=True)

@@ -8,13 +8,13 @@ from collections import Counter
 
 from rich.markup import escape
 
-from toolkit import memory
 from toolkit.commands.common import add_recipe_arguments, non_negative_int
-from toolkit.prepare import prepare, show_plan
-from toolkit.preview import show_rows
-from toolkit.recipe import load_recipe
-from toolkit.report import console
-from toolkit.lora import cross_attention_layers, part_of
+from toolkit.config.recipe import load_recipe
+from toolkit.model.lora import cross_attention_layers, part_of
+from toolkit.training import memory
+from toolkit.training.prepare import prepare, show_plan
+from toolkit.ui.preview import show_rows
+from toolkit.ui.report import console
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,1 @@
+"""Measuring training speed and memory on the GPU."""

@@ -1,0 +1,1 @@
+"""Data rows: reading files, formatters, checks, chat-template encoding, images, batching, the row store, replay."""

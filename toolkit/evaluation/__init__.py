@@ -1,0 +1,1 @@
+"""Evaluation: generation, scoring answers against key terms, metrics, the retention check."""

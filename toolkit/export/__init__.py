@@ -1,0 +1,1 @@
+"""What leaves a run: the adapter state_dict, the merged model and its verification, serving notes."""

@@ -1,0 +1,1 @@
+"""Files the toolkit writes: ownership markers, locks, atomic writes, full disks."""

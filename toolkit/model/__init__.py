@@ -1,0 +1,1 @@
+"""Loading models and tokenizers, LoRA adapters and their fused path, the vision tower, the built-in tiny model."""

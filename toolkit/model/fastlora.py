@@ -1,0 +1,300 @@
+"""LoRA layers, and frozen 8-bit layers, each run as one autograd function that keeps only what backward needs.
+
+Why this exists (each point measured in docs/benchmarks.md):
+
+- PEFT runs an adapted layer as `base(x) + lora_B(lora_A(dropout(x))) * scale`, five modules and about ten
+  kernels. Autograd keeps what each of them saves: with dropout, a dropped-out copy of `x` and its mask for every
+  adapted layer (q, k and v read the same `x` but drop it out three times), and on 4-bit layers a clone of the base
+  output. Here one function computes the same sum and keeps the input (one tensor, shared by q, k and v), the
+  rank-r product `dropout(x) @ A^T`, and the random-generator state that rebuilds the dropout mask in backward.
+- bitsandbytes' 8-bit matmul (LLM.int8()) quantizes every activation to int8 in fp16, keeps every input alive for
+  backward although the weights are frozen, and its backward dequantizes the weight anyway. Here an 8-bit weight is
+  dequantized to the compute dtype for a plain matmul, forward and backward, and no input is kept: the 8-bit
+  weights stay 8-bit in memory, only the arithmetic is bf16 (no activation quantization, so no outlier threshold).
+- 4-bit weights are dequantized with bitsandbytes' public `dequantize_4bit`, as its own matmul does for large
+  batches; the difference is only in what the LoRA half keeps.
+
+The functions are installed for the duration of `fused_layers(...)` by giving each eligible module an instance
+`forward`; anything they do not cover (merged or disabled adapters, several active adapters, DoRA and other
+variants, LoRA biases, other base layer types, no gradients) goes through PEFT's own forward unchanged.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+INT8_SCALE = 1.0 / 127.0  # LLM.int8() stores each row as round(w / max|row| * 127) with max|row| in SCB
+
+
+# ---- weights ----
+
+
+def weight_kind(layer) -> str | None:
+    """'dense', '4bit' or '8bit' for the base layers this module can run, else None (left to PEFT/bitsandbytes)."""
+    if type(layer) is torch.nn.Linear:
+        return "dense"
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return None
+    if isinstance(layer, bnb.nn.Linear4bit) and getattr(layer.weight, "quant_state", None) is not None:
+        return "4bit"
+    if isinstance(layer, bnb.nn.Linear8bitLt) and not layer.state.has_fp16_weights and int8_parts(layer)[0] is not None:
+        return "8bit"
+    return None
+
+
+def int8_parts(layer) -> tuple:
+    """(int8 rows, per-row absmax) of a bitsandbytes 8-bit layer: on the weight before its first forward, on its
+    matmul state after (bitsandbytes moves them there)."""
+    weight, state = layer.weight, layer.state
+    rows = state.CB if state.CB is not None else getattr(weight, "CB", None)
+    absmax = state.SCB if state.SCB is not None else getattr(weight, "SCB", None)
+    if rows is None and absmax is not None and weight.dtype == torch.int8:
+        rows = weight.data
+    return rows, absmax
+
+
+def dequantize_int8(rows: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 rows x (absmax / 127) in one kernel, computed in fp32 and rounded once to `dtype`.
+
+    bitsandbytes' public `int8_vectorwise_dequant` returns fp32 (twice the bytes of bf16, then a second kernel to
+    cast), so the product is written here directly into a `dtype` tensor.
+    """
+    out = torch.empty(rows.shape, dtype=dtype, device=rows.device)
+    return torch.mul(rows, (absmax.float() * INT8_SCALE).unsqueeze(1), out=out)
+
+
+def dense_weight(layer, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's weight as a `dtype` matrix (out_features x in_features); a temporary for quantized layers."""
+    if kind == "dense":
+        return layer.weight if layer.weight.dtype == dtype else layer.weight.to(dtype)
+    if kind == "4bit":
+        import bitsandbytes.functional as bnb_functional
+
+        weight = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        return weight if weight.dtype == dtype else weight.to(dtype)
+    rows, absmax = int8_parts(layer)
+    return dequantize_int8(rows, absmax, dtype)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls run in: autocast's where it is on (as for any nn.Linear), else the input's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def frozen_bias(layer, dtype):
+    return None if layer.bias is None else layer.bias.to(dtype)
+
+
+# ---- dropout whose mask is rebuilt, not stored ----
+
+
+def rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+    """1 where dropout keeps an element, 0 where it drops it, drawn from the device's default generator.
+
+    The default generator (not a private one) so that gradient checkpointing, which restores it before
+    recomputing a layer, redraws the same mask in the recomputation.
+    """
+    return torch.empty_like(like).bernoulli_(1.0 - p)
+
+
+def rebuilt_keep_mask(like: torch.Tensor, p: float, state: torch.Tensor) -> torch.Tensor:
+    """The mask `keep_mask` drew when the generator was at `state`, leaving the generator where it is now."""
+    now = rng_state(like.device)
+    set_rng_state(state, like.device)
+    try:
+        return keep_mask(like, p)
+    finally:
+        set_rng_state(now, like.device)
+
+
+# ---- autograd functions ----
+
+
+class FrozenLinearFunction(torch.autograd.Function):
+    """`x @ W^T + b` for a frozen, quantized `W`, dequantized in forward and again in backward; keeps no input."""
+
+    @staticmethod
+    def forward(ctx, x, layer, kind):
+        dtype = compute_dtype(x)
+        ctx.layer, ctx.kind, ctx.dtype = layer, kind, dtype
+        return F.linear(x.to(dtype), dense_weight(layer, kind, dtype), frozen_bias(layer, dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype) @ dense_weight(ctx.layer, ctx.kind, ctx.dtype), None, None
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """`base(x) + scale * dropout(x) @ A^T @ B^T` with frozen base weights and trainable A (r x in), B (out x r).
+
+    Saved for backward: x, u = dropout(x) @ A^T (r wide), A and B (parameters, no copies) and, with dropout, the
+    generator state the mask was drawn from. Gradients: dB = scale g^T u, dA = (scale g B)^T dropout(x),
+    dx = g W + mask/(1-p) * (scale g B) A; the base weight is dequantized again rather than kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, layer, kind, scale, p):
+        dtype = compute_dtype(x)
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        out = F.linear(flat, dense_weight(layer, kind, dtype), frozen_bias(layer, dtype))
+        state = None
+        dropped = flat
+        if p > 0:
+            state = rng_state(x.device)
+            dropped = torch.mul(flat, keep_mask(flat, p)).mul_(1.0 / (1.0 - p))
+        u = dropped @ lora_a.to(dtype).t()
+        out.addmm_(u, lora_b.to(dtype).t(), alpha=scale)
+        ctx.save_for_backward(x, u, lora_a, lora_b)
+        ctx.layer, ctx.kind, ctx.dtype, ctx.scale, ctx.p, ctx.state = layer, kind, dtype, scale, p, state
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, u, lora_a, lora_b = ctx.saved_tensors
+        dtype, scale, p = ctx.dtype, ctx.scale, ctx.p
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        gu = (g @ b).mul_(scale)  # gradient reaching u, n x r
+        mask = rebuilt_keep_mask(flat, p, ctx.state) if p > 0 else None
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = (g.t() @ u).mul_(scale).to(lora_b.dtype)
+        if ctx.needs_input_grad[1]:
+            dropped = flat if mask is None else torch.mul(flat, mask).mul_(1.0 / (1.0 - p))
+            grad_a = (gu.t() @ dropped).to(lora_a.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ dense_weight(ctx.layer, ctx.kind, dtype)
+            if mask is None:
+                grad_x.addmm_(gu, a)
+            else:
+                grad_x.add_((gu @ a).mul_(mask), alpha=1.0 / (1.0 - p))
+            grad_x = grad_x.view(x.shape).to(x.dtype)
+        return grad_x, grad_a, grad_b, None, None, None, None
+
+
+# ---- installing them ----
+
+
+def lora_dropout_p(module, adapter: str) -> float:
+    dropout = module.lora_dropout[adapter]
+    return float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+
+
+def single_adapter(module) -> str | None:
+    """The one plain LoRA adapter this call would run, or None when PEFT's forward must handle the call."""
+    if module.disable_adapters or module.merged or len(module.active_adapters) != 1:
+        return None
+    adapter = module.active_adapters[0]
+    if adapter not in module.lora_A or adapter in getattr(module, "lora_variant", {}):
+        return None
+    if module.lora_B[adapter].bias is not None:
+        return None
+    return adapter
+
+
+def repacked(layer, kind: str) -> bool:
+    """bitsandbytes repacks a 4-bit weight for its CPU kernel after an inference call on the CPU; only its own
+    matmul reads that layout."""
+    return kind == "4bit" and getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+
+
+def make_lora_forward(module, kind: str):
+    peft_forward = module.forward
+    base = module.get_base_layer()
+
+    def forward(x, *args, **kwargs):
+        adapter = None if args or kwargs or not torch.is_grad_enabled() else single_adapter(module)
+        if adapter is None or (base.bias is not None and base.bias.requires_grad) or repacked(base, kind):
+            return peft_forward(x, *args, **kwargs)
+        return LoraLinearFunction.apply(x, module.lora_A[adapter].weight, module.lora_B[adapter].weight, base, kind,
+                                        module.scaling[adapter], lora_dropout_p(module, adapter))
+
+    return forward
+
+
+def make_frozen_forward(module, kind: str):
+    bnb_forward = module.forward
+
+    def forward(x, *args, **kwargs):
+        if args or kwargs or not torch.is_grad_enabled() or module.weight.requires_grad:
+            return bnb_forward(x, *args, **kwargs)
+        return FrozenLinearFunction.apply(x, module, kind)
+
+    return forward
+
+
+def lora_linear_modules(model):
+    """(name, module, kind) for every LoRA layer over a base layer this module can run."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
+            kind = weight_kind(module.get_base_layer())
+            if kind is not None and not getattr(module, "fan_in_fan_out", False):
+                yield name, module, kind
+
+
+def frozen_int8_modules(model):
+    """(name, module) for every bitsandbytes 8-bit layer, adapted or not (a LoRA layer that falls back to PEFT's
+    forward still calls its base layer)."""
+    for name, module in model.named_modules():
+        if weight_kind(module) == "8bit":
+            yield name, module
+
+
+def patchable(module) -> bool:
+    """No one else (e.g. accelerate's device hooks) has replaced this module's forward."""
+    return "forward" not in vars(module) and not hasattr(module, "_hf_hook")
+
+
+@contextmanager
+def fused_layers(model, *, lora: bool, int8_dequantize: bool):
+    """Run LoRA layers (`lora`) and bitsandbytes 8-bit layers (`int8_dequantize`) through the functions above for
+    the duration of the block; returns how many modules of each were switched."""
+    patched = []
+    counts = {"lora": 0, "int8": 0}
+    if lora:
+        for _, module, kind in list(lora_linear_modules(model)):
+            if (kind != "8bit" or int8_dequantize) and patchable(module):
+                module.forward = make_lora_forward(module, kind)
+                patched.append(module)
+                counts["lora"] += 1
+    if int8_dequantize:
+        for _, module in list(frozen_int8_modules(model)):
+            if patchable(module):
+                module.forward = make_frozen_forward(module, "8bit")
+                patched.append(module)
+                counts["int8"] += 1
+    try:
+        yield counts
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def paths_on(recipe, strategy: str = "ddp") -> dict[str, bool]:
+    """Which layers this module runs for a recipe: its LoRA layers (`train.fused_lora`) and its 8-bit layers
+    (`quantization.int8_matmul: dequantize`). Both read whole weights, so they run only where every process holds
+    them (one process or DDP); under FSDP and ZeRO-3 PEFT's and bitsandbytes' own layers run. `lora.upcast_inputs`
+    asks for PEFT's casting, which only PEFT's layers do. Training and the memory plan both ask here."""
+    replicated = strategy == "ddp"
+    return {"lora": replicated and recipe.train.fused_lora and not recipe.lora.upcast_inputs,
+            "int8_dequantize": replicated and recipe.quantization.int8_matmul == "dequantize"}

@@ -1,0 +1,1 @@
+"""The terminal: tables, progress bars, JSON results, previews, visible text."""
