@@ -137,3 +137,57 @@ def ensure_converted(cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+
+def whole_lines(text: str) -> str:
+    """A cut answer up to the last line the model finished (empty when it finished none)."""
+    return text[: text.rfind("\n")].strip() if "\n" in text else ""
+
+
+def own_replay_answers(model_path: Path, max_new_tokens: int = 96, cut_answers: str = "lines",
+                       questions: list[str] | None = None, batch_size: int = 16) -> tuple[list[dict], dict]:
+    """The converted base model's greedy answers to the English questions of the toolkit's shipped replay set (or
+    to those of them in `questions`), as replay rows: each shipped row with the base's answer as its output, its
+    prompt encoded exactly as training encodes a replay row of a recipe without a system prompt.
+
+    An answer that did not end within `max_new_tokens` is not the model's whole answer, and a row ends its answer
+    with the end of turn, so training on a cut answer also teaches the model to stop there: `cut_answers="lines"`
+    keeps such an answer up to the last line the model finished (stopping after a whole line is the smallest
+    change), `"drop"` leaves the row out. Prompts go in batches of `batch_size` in the set's order, so the same
+    questions give the same answers to the bit. Returns the rows and the counts (asked, ended, written)."""
+    import re
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.config.recipe import recipe_from_dict
+    from toolkit.data import encode, replay
+    from toolkit.evaluation import generation
+    from toolkit.model import loading
+
+    recipe = recipe_from_dict({"model": {"name": str(model_path)}, "data": {"train": "unused.jsonl"}})
+    rows, section, _ = replay.general_rows(recipe.data)  # the shipped set, read as training reads it
+    hangul = re.compile("[\uac00-\ud7a3]")
+    asked = [row for row in rows if not hangul.search(json.dumps(row.fields, ensure_ascii=False))
+             and (questions is None or row.fields["instruction"] in questions)]
+    tokenizer = loading.load_tokenizer(str(model_path))
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    stops = generation.stop_token_ids(model, tokenizer)
+    written: list[dict] = []
+    ended = 0
+    for start in range(0, len(asked), batch_size):
+        chunk = asked[start : start + batch_size]
+        inputs = generation.prompt_batch(tokenizer, [encode.prompt(row, section, tokenizer) for row in chunk],
+                                         model.device)
+        with torch.inference_mode():
+            output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                                    pad_token_id=tokenizer.pad_token_id)
+        for row, new in zip(chunk, output[:, inputs["input_ids"].shape[1] :].tolist()):
+            text = tokenizer.decode(new, skip_special_tokens=True).strip()
+            finished = any(token in stops for token in new)
+            ended += finished
+            kept = text if finished else whole_lines(text) if cut_answers == "lines" else ""
+            if kept:
+                written.append({**row.fields, "output": kept})
+    return written, {"asked": len(asked), "ended": ended, "written": len(written)}
