@@ -238,13 +238,17 @@ class VisionCollator:
         return self.images.add(batch, [list(example.get("image_paths") or []) for example in examples])
 
 
-def training_collator(recipe, model_config, tokenizer, precision: str):
-    """The collator and SFTConfig settings for a data set with image rows: `VisionCollator`; TRL told to take the
-    rows as they are (its preparation would turn `completion_mask` into labels and drop it); the Trainer told to
-    keep the `image_paths` column (it drops columns the model's forward does not name)."""
+def training_collator(recipe, model_config, tokenizer, precision: str) -> VisionCollator:
+    """The collator for a data set with image rows, padding to the multiple the precision asks for (what TRL is
+    told for such a data set is `toolkit.config.translate.sft_kwargs`'s, given `loader_workers`)."""
     images = image_inputs_for(recipe.model.name, recipe.model.revision, model_config, tokenizer,
                               recipe.data.max_image_tiles, recipe.data.vision_tiles)
     multiple = pad_multiple(precision) if pad_multiple(precision) > 1 else None
-    settings = {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True},
-                **photos.loader_settings(recipe.data.image_workers, images.spec, recipe.train.batch_size)}
-    return VisionCollator(images, tokenizer.pad_token_id, multiple), settings
+    return VisionCollator(images, tokenizer.pad_token_id, multiple)
+
+
+def loader_workers(recipe, images: ImageInputs) -> int:
+    """DataLoader worker processes that build this recipe's image batches: `data.image_workers`, with `auto` sized
+    by `toolkit.data.photos.loader_workers` for the pixels of a micro-batch of `train.batch_size` images."""
+    rows = recipe.train.batch_size if isinstance(recipe.train.batch_size, int) else 1  # auto: a number by now
+    return photos.loader_workers(recipe.data.image_workers, batch_size_bytes=photos.batch_bytes(images.spec, rows))
