@@ -70,14 +70,12 @@ def tiny_recipe(folder: Path, data: dict, **sections) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_data) -> Path:
-    """One finished training run on the built-in model, shared by the eval/extract/merge tests."""
-    from toolkit.cli import main
+    """One finished training run on the built-in model, shared by the eval/extract/merge tests, trained through
+    the Python API (`toolkit.api.train`, what `toolkit sft` runs in one process)."""
+    from toolkit import api
 
     folder = tmp_path_factory.mktemp("run")
-    recipe = tiny_recipe(folder, tiny_data)
-    run_dir = folder / "out"
-    assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 0
-    return run_dir
+    return api.train(tiny_recipe(folder, tiny_data), folder / "out").path
 
 
 @pytest.fixture(scope="session")

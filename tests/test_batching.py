@@ -8,11 +8,7 @@ from collections import Counter
 
 import pytest
 
-from toolkit.data.batching import (
-    epoch_stream,
-    length_grouped_order,
-    shared_modality_batches,
-)
+from toolkit.data.batching import epoch_stream, length_grouped_order, shared_modality_batches
 
 
 def lengths(n=336, seed=0):

@@ -220,9 +220,7 @@ def read_json_array(path: Path) -> tuple[list[Record], Problems]:
 
 def csv_header_problems(where: str, header: list[str]) -> list[str]:
     """What makes a header line unusable as field names: empty, repeated or space-padded names, list columns."""
-    from toolkit.data.formatters import (
-        list_fields,  # formatters reads this module's helpers
-    )
+    from toolkit.data.formatters import list_fields  # here: formatters imports this module
 
     problems, seen, list_columns = [], set(), list_fields()
     for index, name in enumerate(header, start=1):

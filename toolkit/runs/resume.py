@@ -75,6 +75,32 @@ def fingerprints(prepared) -> dict:
     return found
 
 
+def changed_since_start(run_dir: Path, keys=("data.train", "data.eval")) -> list[str] | None:
+    """Which of the recipe's data files (`keys`) differ now from what the run was started with, by the digests
+    `started.json` keeps; None when the run has no readable record (an earlier toolkit started it). The held-out
+    split (`data.eval_fraction`) is a function of data.train's contents, the fraction and the seed, so an unchanged
+    data.train digest means `eval` holds out exactly the rows training held out."""
+    from toolkit.data.reading import file_list
+
+    try:
+        started = read_start(run_dir)["started"]
+    except ToolkitError:
+        return None
+    recorded, section = started.get("contents") or {}, started["recipe"].get("data") or {}
+    changed = []
+    for key in keys:
+        value = section.get(key.split(".", 1)[1])
+        if not value:
+            continue
+        try:
+            now = [content_digest(Path(name)) for name in file_list(value)]
+        except OSError:
+            now = None
+        if now != recorded.get(key):
+            changed.append(key)
+    return changed
+
+
 def start_record(prepared, processes: int, strategy: str) -> dict:
     """What this run is started (or resumed) with, in the form `started.json` keeps."""
     return {"recipe": prepared.recipe.model_dump(mode="json"), "precision": prepared.precision,
