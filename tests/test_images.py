@@ -92,10 +92,9 @@ def collated(image_data, tokenizer, rows):
     recipe = recipe_from_dict({"model": {"name": "builtin:tiny-mllama"}, "data": {"train": image_data["mixed"]}})
     encoded = encode.encode_rows([reading.Row(image_data["mixed"], i + 1, r) for i, r in enumerate(rows)],
                                recipe.data, tokenizer, 512)
-    collator, settings = vision.training_collator(recipe, loading.load_config("builtin:tiny-mllama"), tokenizer,
-                                                  "fp32")
+    collator = vision.training_collator(recipe, loading.load_config("builtin:tiny-mllama"), tokenizer, "fp32")
     dataset = encode.to_dataset(encoded.examples)
-    return encoded, collator([dataset[i] for i in range(len(rows))]), settings
+    return encoded, collator([dataset[i] for i in range(len(rows))]), vision.loader_workers(recipe, collator.images)
 
 
 def collator_spec():
@@ -105,9 +104,8 @@ def collator_spec():
 
 def test_a_mixed_batch_gives_text_rows_no_image_and_image_rows_their_own(image_data, tokenizer):
     rows = [image_data["rows"][0], term_rows()[0], image_data["rows"][3]]
-    encoded, batch, settings = collated(image_data, tokenizer, rows)
-    assert settings == {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True},
-                        **photos.loader_settings("auto", collator_spec(), 2)}
+    encoded, batch, workers = collated(image_data, tokenizer, rows)
+    assert workers == photos.loader_workers("auto", batch_size_bytes=photos.batch_bytes(collator_spec(), 2))
     image_id = tokenizer.convert_tokens_to_ids("<|image|>")
     assert batch["pixel_values"].shape == (3, 1, 1, 3, 56, 56)
     assert batch["pixel_values"][1].abs().sum() == 0  # the text row's slot is empty, not a fake image
@@ -122,6 +120,24 @@ def test_a_mixed_batch_gives_text_rows_no_image_and_image_rows_their_own(image_d
         assert labels == [t if m else -100 for t, m in zip(example.input_ids, example.completion_mask)]
     assert not (batch["labels"] == image_id).any()
     assert batch["aspect_ratio_ids"].tolist() == [[1], [0], [1]]
+
+
+def test_image_loader_workers_follow_the_recipe_the_cpus_and_shared_memory(tokenizer, monkeypatch):
+    """`auto` on 16 CPUs is 8 workers; a /dev/shm that cannot hold two batches of `train.batch_size` rows per worker
+    allows fewer (the tiny model: one tile of 56 px, 37,632 bytes a row); a number in the recipe is taken as it is."""
+    config = loading.load_config("builtin:tiny-mllama")
+    monkeypatch.setattr(photos.os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+    monkeypatch.setattr(photos, "shared_memory_free", lambda: None)
+
+    def workers(**data) -> int:
+        recipe = recipe_from_dict({"model": {"name": "builtin:tiny-mllama"}, "data": {"train": "t.jsonl", **data},
+                                   "train": {"batch_size": 10}})
+        return vision.loader_workers(recipe, vision.training_collator(recipe, config, tokenizer, "fp32").images)
+
+    assert workers() == 8
+    monkeypatch.setattr(photos, "shared_memory_free", lambda: 3 * 2 * 10 * 37_632)  # three workers' two batches
+    assert workers() == 3
+    assert workers(image_workers=5) == 5 and workers(image_workers=0) == 0
 
 
 def test_two_images_in_a_row_are_both_read_by_the_text_after_them(image_data, tokenizer):

@@ -7,7 +7,7 @@ import pytest
 from toolkit.config.precision import Accelerator, resolve_precision
 from toolkit.config.quantization import to_bnb_config
 from toolkit.config.recipe import QuantizationSection, TrainSection
-from toolkit.config.translate import to_sft_config
+from toolkit.config.translate import sft_kwargs, to_sft_config
 from toolkit.errors import ToolkitError
 
 CPU = Accelerator(cuda=False, bf16=False)
@@ -62,3 +62,42 @@ def test_warmup_reaches_the_trainers_schedule():
 def test_grouped_rows_are_read_in_order_once():
     grouped = to_sft_config(TrainSection(group_by_length=True, epochs=3), "fp32", CPU, "o", has_eval=False)
     assert grouped.train_sampling_strategy == "sequential" and grouped.num_train_epochs == 1 and grouped.use_cpu
+
+
+TEXT_KEYS = {
+    "output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+    "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
+    "max_grad_norm", "optim", "seed", "data_seed", "bf16", "fp16", "use_cpu", "gradient_checkpointing", "max_length",
+    "completion_only_loss", "logging_steps", "logging_first_step", "logging_nan_inf_filter", "save_strategy",
+    "save_steps", "save_total_limit", "eval_strategy", "eval_steps", "report_to", "disable_tqdm", "dataset_num_proc",
+    "use_liger_kernel", "pad_to_multiple_of",
+}
+
+
+def test_a_text_recipe_sets_exactly_the_text_keys():
+    kwargs = sft_kwargs(TrainSection(), "fp32", CPU, "out", has_eval=False)
+    assert set(kwargs) == TEXT_KEYS
+    assert kwargs["pad_to_multiple_of"] is None and kwargs["max_length"] is None  # fp32: no multiple; rows are cut
+
+
+def test_an_image_recipe_adds_exactly_the_image_keys():
+    """Image rows: TRL takes them as they are (the collator reads completion_mask), the image_paths column is kept,
+    and the loader's workers, kept between epochs, build the batches."""
+    text = sft_kwargs(TrainSection(), "bf16", CPU, "out", has_eval=False)
+    images = sft_kwargs(TrainSection(), "bf16", CPU, "out", has_eval=False, image_loader_workers=3)
+    assert {k: v for k, v in images.items() if k not in text} == {
+        "remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True},
+        "dataloader_num_workers": 3, "dataloader_persistent_workers": True}
+    assert {k: images[k] for k in text} == text
+    none = sft_kwargs(TrainSection(), "bf16", CPU, "out", has_eval=False, image_loader_workers=0)
+    assert (none["dataloader_num_workers"], none["dataloader_persistent_workers"]) == (0, False)
+
+
+def test_image_keys_reach_the_sft_config_and_overrides_still_win():
+    config = to_sft_config(TrainSection(), "fp32", CPU, "o", has_eval=False, image_loader_workers=2,
+                           save_strategy="no")
+    assert config.remove_unused_columns is False and config.dataset_kwargs == {"skip_prepare_dataset": True}
+    assert config.dataloader_num_workers == 2 and config.dataloader_persistent_workers is True
+    assert config.save_strategy == "no"
+    text = to_sft_config(TrainSection(), "fp32", CPU, "o", has_eval=False)
+    assert text.remove_unused_columns is True and text.dataset_kwargs is None and text.dataloader_num_workers == 0

@@ -165,12 +165,12 @@ def built_for_images(tmp_path, scope: str):
     tokenizer = loading.load_tokenizer("builtin:tiny-mllama")
     encoded = encode.encode_rows([reading.Row(str(train), i + 1, r) for i, r in enumerate(rows)], recipe.data,
                                tokenizer, 256)
-    collator, settings = vision.training_collator(recipe, loading.load_config("builtin:tiny-mllama"), tokenizer,
-                                                  "fp32")
+    collator = vision.training_collator(recipe, loading.load_config("builtin:tiny-mllama"), tokenizer, "fp32")
     dataset = encode.to_dataset(encoded.examples)
     built, _ = trainer.build_trainer(recipe, precision="fp32", device=Accelerator(cuda=False, bf16=False),
                                      tokenizer=tokenizer, train_dataset=dataset, output_dir=str(tmp_path / "out"),
-                                     data_collator=collator, save_strategy="no", **settings)
+                                     data_collator=collator, save_strategy="no",
+                                     image_loader_workers=vision.loader_workers(recipe, collator.images))
     return built, collator([dataset[0], dataset[1]])
 
 

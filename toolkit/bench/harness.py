@@ -473,8 +473,8 @@ def measure(recipe, bench_opts: dict, low: int, high: int, steps: int, warmup: i
     with tempfile.TemporaryDirectory(prefix="toolkit-bench-") as scratch:
         collator = None
         if bench_opts.get("image_tiles"):
-            collator, settings = vision.training_collator(recipe, config, tokenizer, precision)
-            overrides.update(settings)
+            collator = vision.training_collator(recipe, config, tokenizer, precision)
+            overrides["image_loader_workers"] = vision.loader_workers(recipe, collator.images)
             image = synthetic_image(Path(scratch), bench_opts["image_tiles"], collator.images.spec.tile_size)
             rows = with_images(rows, image, collator.images.image_token_id)
         built, _ = trainer.build_trainer(recipe, precision=precision, device=device, tokenizer=tokenizer,

@@ -13,10 +13,16 @@ from toolkit.training.distributed import per_process_batch, strategy_kwargs
 
 
 def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_eval: bool,
-               processes: int = 1, strategy: str = "ddp") -> dict:
+               processes: int = 1, strategy: str = "ddp", image_loader_workers: int | None = None) -> dict:
     """SFTConfig's arguments for this recipe, as a plain dict (see `to_sft_config`). With several processes the
     recipe's global batch (batch_size x grad_accum) is kept: each process gets its share. Rows reach TRL already
-    tokenized, truncated and masked (`toolkit.data.encode`), so TRL neither truncates nor re-tokenizes them."""
+    tokenized, truncated and masked (`toolkit.data.encode`), so TRL neither truncates nor re-tokenizes them.
+
+    `image_loader_workers` is given (a number, `toolkit.data.vision.loader_workers`) when the data has image rows,
+    whose batches `toolkit.data.vision.VisionCollator` builds: TRL then takes the rows as they are (its preparation
+    would turn `completion_mask` into labels and drop it, and the collator reads it), the Trainer keeps the
+    `image_paths` column (it drops the columns the model's forward does not name), and that many DataLoader worker
+    processes, kept between epochs, open the images."""
     batch_size, grad_accum = per_process_batch(train.batch_size, train.grad_accum, processes)
     kwargs = dict(
         output_dir=output_dir,
@@ -54,6 +60,10 @@ def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_
         pad_to_multiple_of=pad_multiple(precision) if pad_multiple(precision) > 1 else None,
     )
     kwargs.update(strategy_kwargs(strategy, bool(train.gradient_checkpointing)))
+    if image_loader_workers is not None:
+        kwargs.update(remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
+                      dataloader_num_workers=image_loader_workers,
+                      dataloader_persistent_workers=image_loader_workers > 0)
     if train.group_by_length:
         # The rows arrive already grouped by length, every pass included (toolkit.data.batching): read them in order.
         kwargs["train_sampling_strategy"] = "sequential"
@@ -62,11 +72,13 @@ def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_
 
 
 def to_sft_config(train, precision: str, device: Accelerator, output_dir: str, has_eval: bool,
-                  processes: int = 1, strategy: str = "ddp", **overrides):
-    """The SFTConfig for this recipe; `overrides` replace single arguments (bench turns checkpoints off)."""
+                  processes: int = 1, strategy: str = "ddp", image_loader_workers: int | None = None, **overrides):
+    """The SFTConfig for this recipe (`sft_kwargs`); `overrides` replace single arguments (bench turns checkpoints
+    off)."""
     from trl import SFTConfig
 
-    kwargs = {**sft_kwargs(train, precision, device, output_dir, has_eval, processes, strategy), **overrides}
+    kwargs = {**sft_kwargs(train, precision, device, output_dir, has_eval, processes, strategy, image_loader_workers),
+              **overrides}
     known = {f.name for f in dataclasses.fields(SFTConfig)}
     if "train_sampling_strategy" in kwargs and "train_sampling_strategy" not in known:
         kwargs.pop("train_sampling_strategy")  # older transformers: fall back to its own (coarser) length grouping

@@ -207,45 +207,48 @@ def image_inputs_for(model_name: str, revision: str | None, model_config, tokeni
                        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tiling)
 
 
+def learned_labels(example: dict, image_token_id: int) -> list[int]:
+    """A row's labels: its ids where `completion_mask` is 1, -100 elsewhere and on every `<|image|>`, which is not a
+    text token (its id on the real config is the vocabulary's size, out of range for the loss)."""
+    ids, mask = example["input_ids"], example["completion_mask"]
+    if len(ids) != len(mask):
+        raise ValueError(f"a row's completion_mask has {len(mask)} entries for {len(ids)} input_ids")
+    return [token if learned and token != image_token_id else -100 for token, learned in zip(ids, mask)]
+
+
 class VisionCollator:
-    """Right-padded ids, labels from `completion_mask` (-100 elsewhere, never on `<|image|>` or padding), and the
-    image inputs of the rows that have images."""
+    """TRL's `DataCollatorForLanguageModeling` for the text (right-padded ids, attention mask, labels padded with
+    -100, lengths rounded up to `pad_to_multiple_of`), given labels built from `completion_mask` here, and the image
+    inputs of the rows that have images added after it.
+
+    It wraps TRL's collator rather than subclassing it: the labels come from `completion_mask` when the batch is
+    built (TRL's dataset preparation, which would build them, is skipped for image rows), and TRL refuses a
+    `DataCollatorForLanguageModeling` over rows with a mask column and no `labels` for exactly that reason."""
 
     def __init__(self, images: ImageInputs, pad_token_id: int, pad_to_multiple_of: int | None = None):
-        self.images = images
-        self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    def padded_length(self, examples) -> int:
-        longest = max(len(e["input_ids"]) for e in examples)
-        step = self.pad_to_multiple_of or 1
-        return -(-longest // step) * step
+        self.images = images
+        self.text = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
 
     def __call__(self, examples: list[dict]) -> dict:
-        import torch
-
-        length = self.padded_length(examples)
         image_token_id = self.images.image_token_id
-        ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(examples), length), dtype=torch.long)
-        labels = torch.full((len(examples), length), -100, dtype=torch.long)
-        for i, example in enumerate(examples):
-            row = torch.tensor(example["input_ids"], dtype=torch.long)
-            learned = torch.tensor(example["completion_mask"], dtype=torch.bool) & (row != image_token_id)
-            ids[i, : len(row)] = row
-            attention[i, : len(row)] = 1
-            labels[i, : len(row)] = torch.where(learned, row, torch.full_like(row, -100))
-        batch = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+        batch = self.text([{"input_ids": example["input_ids"], "labels": learned_labels(example, image_token_id)}
+                           for example in examples])
         return self.images.add(batch, [list(example.get("image_paths") or []) for example in examples])
 
 
-def training_collator(recipe, model_config, tokenizer, precision: str):
-    """The collator and SFTConfig settings for a data set with image rows: `VisionCollator`; TRL told to take the
-    rows as they are (its preparation would turn `completion_mask` into labels and drop it); the Trainer told to
-    keep the `image_paths` column (it drops columns the model's forward does not name)."""
+def training_collator(recipe, model_config, tokenizer, precision: str) -> VisionCollator:
+    """The collator for a data set with image rows, padding to the multiple the precision asks for (what TRL is
+    told for such a data set is `toolkit.config.translate.sft_kwargs`'s, given `loader_workers`)."""
     images = image_inputs_for(recipe.model.name, recipe.model.revision, model_config, tokenizer,
                               recipe.data.max_image_tiles, recipe.data.vision_tiles)
     multiple = pad_multiple(precision) if pad_multiple(precision) > 1 else None
-    settings = {"remove_unused_columns": False, "dataset_kwargs": {"skip_prepare_dataset": True},
-                **photos.loader_settings(recipe.data.image_workers, images.spec, recipe.train.batch_size)}
-    return VisionCollator(images, tokenizer.pad_token_id, multiple), settings
+    return VisionCollator(images, tokenizer.pad_token_id, multiple)
+
+
+def loader_workers(recipe, images: ImageInputs) -> int:
+    """DataLoader worker processes that build this recipe's image batches: `data.image_workers`, with `auto` sized
+    by `toolkit.data.photos.loader_workers` for the pixels of a micro-batch of `train.batch_size` images."""
+    rows = recipe.train.batch_size if isinstance(recipe.train.batch_size, int) else 1  # auto: a number by now
+    return photos.loader_workers(recipe.data.image_workers, batch_size_bytes=photos.batch_bytes(images.spec, rows))

@@ -74,8 +74,8 @@ def train(prepared, run_dir: Path, resume_from: Path | None, strategy: str = "dd
     guard = trainer.FiniteGuard(prepared.precision)
     collator, settings = None, {}
     if prepared.train.image_rows or prepared.eval.image_rows:
-        collator, settings = vision.training_collator(recipe, prepared.model_config, prepared.tokenizer,
-                                                      prepared.precision)
+        collator = vision.training_collator(recipe, prepared.model_config, prepared.tokenizer, prepared.precision)
+        settings["image_loader_workers"] = vision.loader_workers(recipe, collator.images)
     if batches:
         settings["num_train_epochs"] = 1  # the batches hold every pass
     built, prepared.lora_modules = trainer.build_trainer(
