@@ -180,3 +180,33 @@ def test_every_answer_goes_to_its_own_row():
     expected = [tokenizer.decode(p.input_ids[-2:], skip_special_tokens=True).strip() for p in prompts]
     assert len(set(expected)) == 7
     assert generation.generate_answers(EchoModel(), tokenizer, prompts, 3, 2, label="t") == expected
+
+
+class RecordingModel(EchoModel):
+    """Answers nothing new and keeps every batch it was given."""
+
+    def __init__(self):
+        self.batches = []
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        self.batches.append((input_ids.tolist(), attention_mask.tolist()))
+        return input_ids
+
+
+def test_generation_pads_on_the_left_and_leaves_the_tokenizer_as_it_was():
+    """A right-padding tokenizer (as training and the saved run have it) still gives generation left-padded prompts,
+    and is right-padding after: the side is given to each pad call, never set on the tokenizer."""
+    from types import SimpleNamespace
+
+    from toolkit.evaluation import generation
+    from toolkit.model import loading
+
+    tokenizer = loading.load_tokenizer("builtin:tiny-mllama")
+    tokenizer.padding_side = "right"
+    pad = tokenizer.pad_token_id
+    prompts = [SimpleNamespace(input_ids=ids, images=()) for ids in ([11], [21, 22, 23], [31, 32])]
+    model = RecordingModel()
+    assert generation.generate_answers(model, tokenizer, prompts, 3, 2, label="t") == ["", "", ""]
+    assert model.batches == [([[21, 22, 23], [pad, 31, 32], [pad, pad, 11]], [[1, 1, 1], [0, 1, 1], [0, 0, 1]])]
+    assert tokenizer.padding_side == "right"
+    assert pad not in (11, 21, 22, 23, 31, 32)

@@ -19,9 +19,9 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 def left_padded(tokenizer, prompts: list[list[int]], device):
-    """A batch of prompts padded on the left, so every prompt's last token sits next to the first generated one."""
-    tokenizer.padding_side = "left"
-    return tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(device)
+    """A batch of prompts padded on the left, so every prompt's last token sits next to the first generated one.
+    The side is given to this call only: the tokenizer's own `padding_side` (saved with a run) stays as it is."""
+    return tokenizer.pad({"input_ids": prompts}, padding=True, padding_side="left", return_tensors="pt").to(device)
 
 
 def prompt_batch(tokenizer, prompts: list, device, images=None) -> dict:

@@ -10,14 +10,16 @@ finished run. The rows are the eval rows that fit `train.max_seq_length` (the on
 Sampling must not change what is trained. It runs after the optimizer step (no gradient is pending), without
 gradients, in eval mode (no dropout) with every module's own mode put back after, under the Trainer's autocast (so a
 bf16 run generates as it trains), with the random number generators forked (nothing drawn here shifts later dropout
-or shuffling), and with the tokenizer's padding side put back (generation pads on the left; the saved tokenizer must
-not change). Only the main process samples; under DDP the other processes wait for it at the next gradient sync.
+or shuffling). Generation pads on the left in each call, leaving the tokenizer (saved with the run) as it is. The
+number is logged in an entry of its own (`log_extra` of `toolkit.training.trainer`), so the loss entries stay as they
+are without sampling. Only the main process samples; under DDP the other processes wait for it at the next gradient
+sync.
 Sharded training (FSDP, ZeRO-3) would need every process in each forward pass, so it is refused there.
 """
 
 from __future__ import annotations
 
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from toolkit.data import encode, reading
 from toolkit.errors import ToolkitError
@@ -80,19 +82,8 @@ class SampleCallback(TrainerCallback):
         answers = self.answer(state.global_step)
         accuracy = self.accuracy(answers)
         if accuracy is not None:
-            self.log(control, accuracy)
+            self.trainer.log_extra({LOG_KEY: accuracy})  # beside the step's loss entry, not in it
         self.show(state.global_step, accuracy, answers[0])
-
-    def log(self, control, accuracy: float) -> None:
-        """Log through the Trainer, so trackers get the number too, without disturbing the step's own log.
-
-        It is transformers' Trainer.log, not TRL's override, which would also flush TRL's running metrics (entropy,
-        token accuracy) into this entry and take them from the next loss entry. Logging clears `should_log`, which
-        at this point says whether the Trainer logs the loss right after this step, so it is put back.
-        """
-        should_log = control.should_log
-        Trainer.log(self.trainer, {LOG_KEY: accuracy})
-        control.should_log = should_log
 
     def answer(self, step: int) -> list[str]:
         """Greedy answers from the model as it is at this step, leaving every training state as it was."""
@@ -100,7 +91,6 @@ class SampleCallback(TrainerCallback):
 
         model = self.trainer.model
         modes = [(module, module.training) for module in model.modules()]
-        padding_side = self.tokenizer.padding_side
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         try:
             model.eval()
@@ -110,7 +100,6 @@ class SampleCallback(TrainerCallback):
         finally:
             for module, training in modes:
                 module.training = training
-            self.tokenizer.padding_side = padding_side
 
     def accuracy(self, answers: list[str]) -> float | None:
         """toolkit eval's term_accuracy of these answers (None when no sampled row has key terms)."""

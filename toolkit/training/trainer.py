@@ -69,13 +69,17 @@ def run_training(trainer, recipe, precision: str, strategy: str = "ddp", resume_
 
 
 def lean_loss(trainer, model, inputs, num_items_in_batch=None):
-    """The loss TRL's `SFTTrainer.compute_loss` computes (mean negative log-likelihood of the completion tokens,
-    through TRL's fused LM head), without its entropy and token-accuracy metrics.
+    """The training loss TRL's `SFTTrainer.compute_loss` computes (mean negative log-likelihood of the completion
+    tokens, through TRL's fused LM head), without its entropy and token-accuracy metrics.
 
-    TRL turns both metrics, and a token count, into Python values on every micro-batch (three `.item()` calls and
-    two tensors tested in an `if`): five device syncs, each a wait for the GPU to finish the forward pass before
-    the CPU can queue the backward pass (12.5 syncs per step against 7.5 without, in docs/benchmarks.md's profile). The loss itself is TRL's arithmetic, line for line; a
-    recipe that wants the metrics sets `train.token_metrics: true` and gets TRL's own `compute_loss`.
+    TRL turns both metrics, and its running token count, into Python values on every micro-batch (three `.item()`
+    calls and two tensors tested in an `if`): five device syncs, each a wait for the GPU to finish the forward pass
+    before the CPU can queue the backward pass (12.5 syncs per step against 7.5 without, in docs/benchmarks.md's
+    profile). The loss is TRL's arithmetic, line for line, including its scaling by processes over the
+    tensor-parallel size; the token count TRL logs as `num_tokens` is kept, as a tensor that `pending_tokens` adds
+    up and the trainer reads when it logs (one sync per log, not per micro-batch). Only the cases
+    `lean_loss_applies` accepts come here; a recipe that wants the metrics sets `train.token_metrics: true` and gets
+    TRL's own `compute_loss`.
     """
     import torch
 
@@ -84,14 +88,29 @@ def lean_loss(trainer, model, inputs, num_items_in_batch=None):
     tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
     loss = -outputs.log_probs.sum() / torch.as_tensor(tokens).clamp(min=1)
     if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
-        loss = loss * trainer.accelerator.num_processes  # as TRL: DDP averages gradients over processes
+        # as TRL: DDP averages gradients over processes, and tensor-parallel ranks share one batch
+        loss = loss * (trainer.accelerator.num_processes // trainer.get_tp_size())
     return loss
+
+
+def batch_tokens(trainer, inputs):
+    """This micro-batch's tokens as TRL counts them for `num_tokens` (every process's, once per tensor-parallel
+    group; the attention mask's ones, or the packed length without one), left on the device: no sync."""
+    import torch
+
+    if "attention_mask" in inputs:
+        local = inputs["attention_mask"].sum()
+    elif "position_ids" in inputs:
+        local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+    else:
+        raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+    return trainer.accelerator.gather_for_metrics(local).sum() // trainer._tp_size
 
 
 @functools.cache
 def sft_trainer_class():
-    """TRL's SFTTrainer with the per-step token metrics made optional (`train.token_metrics`) and profiler labels
-    on the parts of a step (`toolkit.bench.profiling` reads them)."""
+    """TRL's SFTTrainer with the per-step token metrics made optional (`train.token_metrics`), a way to log an extra
+    metric (`log_extra`) and profiler labels on the parts of a step (`toolkit.bench.profiling` reads them)."""
     from torch.profiler import record_function
     from trl import SFTTrainer
 
@@ -99,6 +118,7 @@ def sft_trainer_class():
         token_metrics = True
         loss_record = None  # a list: every training micro-batch's loss is appended, as a tensor (no device sync)
         shared_batches = None  # micro-batches of row indices dealt to the processes in turn (see get_train_dataloader)
+        pending_tokens = None  # lean_loss's token count (a tensor) not yet added to TRL's `_total_train_tokens`
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -120,19 +140,52 @@ def sft_trainer_class():
             return self.accelerator.prepare(loader)
 
         def lean_loss_applies(self, return_outputs: bool) -> bool:
-            return not (self.token_metrics or return_outputs or not self.model.training
+            """Whether `lean_loss` computes this loss: training without token metrics or outputs, the plain NLL loss,
+            and a sequence that is not sharded over processes. Sequence parallelism (DeepSpeed Ulysses) needs the
+            model's own loss reduced across ranks and context parallelism its own path in TRL, so both get TRL's
+            `compute_loss`, as does everything else lean_loss does not do."""
+            parallel = self.accelerator.parallelism_config
+            sharded = parallel is not None and (parallel.sp_enabled or parallel.cp_enabled)
+            return not (self.token_metrics or return_outputs or not self.model.training or sharded
                         or self.args.loss_type != "nll" or self.aux_loss_enabled
                         or self.compute_loss_func is not None or self.label_smoother is not None)
+
+        def count_pending_tokens(self) -> None:
+            """Add lean_loss's token count to TRL's running total, where TRL's own compute_loss and log read it."""
+            if self.pending_tokens is not None:
+                self._total_train_tokens += int(self.pending_tokens.item())
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+                self.pending_tokens = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             with record_function("toolkit: forward + loss"):
                 if self.lean_loss_applies(return_outputs):
                     result = lean_loss(self, model, inputs, num_items_in_batch)
+                    tokens = batch_tokens(self, inputs)
+                    self.pending_tokens = tokens if self.pending_tokens is None else self.pending_tokens + tokens
                 else:
+                    self.count_pending_tokens()
                     result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if self.loss_record is not None and self.model.training:
                 self.loss_record.append((result[0] if return_outputs else result).detach().float())
             return result
+
+        def log(self, logs, start_time=None):
+            self.count_pending_tokens()
+            super().log(logs, start_time)
+
+        def log_extra(self, metrics: dict[str, float]) -> None:
+            """Log metrics of their own (not the step's loss entry) to the log history and the trackers.
+
+            This is transformers' `Trainer.log`: TRL's override would add its running metrics (entropy, token
+            accuracy, num_tokens) to this entry and clear them, taking them from the next loss entry. Logging
+            clears `control.should_log`, which says whether the loss is logged after this step, so it is put back.
+            """
+            from transformers import Trainer
+
+            should_log = self.control.should_log
+            Trainer.log(self, dict(metrics))
+            self.control.should_log = should_log
 
         def training_step(self, model, inputs, *args, **kwargs):
             self.micro_batch_modalities.append("i" if "pixel_values" in inputs else "t")
