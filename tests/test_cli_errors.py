@@ -302,7 +302,6 @@ def test_a_merge_output_name_too_long_names_the_users_path(tiny_run, tmp_path, c
 def test_ctrl_c_once_the_merged_model_is_moving_into_place_finishes_with_0(tiny_run, tmp_path, monkeypatch, capsys):
     import signal
 
-    from toolkit.commands import merge
     from toolkit.export import merging
 
     original = merging.put_in_place

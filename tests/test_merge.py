@@ -77,7 +77,6 @@ def test_check_fails_when_the_tolerance_is_too_tight(tiny_run, tmp_path, capsys)
 def test_a_merged_model_off_by_one_percent_fails(tiny_run, tmp_path, monkeypatch, capsys):
     """Logits 1% larger than base + adapter's (every one, the largest included) fail fp32's default tolerance, and
     nothing is written to --output."""
-    from toolkit.commands import merge
     from toolkit.export import merging
 
     load_saved = merging.load_saved

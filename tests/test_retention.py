@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 
 from toolkit.cli import main
 from toolkit.config.recipe import RetentionSection, recipe_from_dict
-from toolkit.data import formatters
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import retention, terms
 from toolkit.runs import rundir

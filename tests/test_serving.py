@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 from toolkit.cli import main
-from toolkit.commands import merge
 from toolkit.export import merging, serving
 
 
