@@ -95,6 +95,9 @@ class DropMessage(logging.Filter):
         return not any(p.match(message) for p in self.patterns)
 
 
+_bars_env_ours = []  # [True] once hide_known_noise set HF_DATASETS_DISABLE_PROGRESS_BARS (a user's own is left alone)
+
+
 def hide_known_noise(debug: bool = False) -> None:
     """Hide exactly the messages in NOISY_LOGGERS and NOISY_WARNINGS, and the datasets progress bars TRL's data
     preparation would draw beside the toolkit's own; with `debug`, show them all again."""
@@ -115,10 +118,18 @@ def hide_known_noise(debug: bool = False) -> None:
     # command a second, and validate never imports it
     loaded = sys.modules.get("datasets")
     if debug:
-        if loaded is not None:
+        if _bars_env_ours:
+            os.environ.pop("HF_DATASETS_DISABLE_PROGRESS_BARS", None)
+            _bars_env_ours.clear()
+        # a datasets imported while the variable was set keeps its bars off for good (and warns when asked to turn
+        # them on): a --debug command after a plain one in the same process (a notebook) cannot show them
+        pinned = getattr(sys.modules.get("datasets.utils.tqdm"), "HF_DATASETS_DISABLE_PROGRESS_BARS", None) is True
+        if loaded is not None and not pinned:
             loaded.enable_progress_bars()
     else:
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        if "HF_DATASETS_DISABLE_PROGRESS_BARS" not in os.environ:
+            os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+            _bars_env_ours.append(True)
         if loaded is not None:
             loaded.disable_progress_bars()
 

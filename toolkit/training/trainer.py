@@ -132,7 +132,7 @@ def sft_trainer_class():
                 return super().get_train_dataloader()
             from torch.utils.data import DataLoader
 
-            if self.args.remove_unused_columns:  # image rows keep their columns (toolkit.data.vision.training_collator)
+            if self.args.remove_unused_columns:  # image rows keep their columns (toolkit.config.translate.sft_kwargs)
                 raise RuntimeError("shared batches need the dataset's columns kept (remove_unused_columns=False)")
             loader = DataLoader(self.train_dataset, batch_sampler=self.shared_batches, collate_fn=self.data_collator,
                                 num_workers=self.args.dataloader_num_workers,
