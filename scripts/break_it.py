@@ -27,8 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-IGNORED = shutil.ignore_patterns(".git", ".venv", "runs", ".toolkit-cache", "__pycache__", "*.egg-info",
-                                 ".pytest_cache", ".hypothesis")
+SKIPPED_ANYWHERE = shutil.ignore_patterns(".git", ".venv", ".toolkit-cache", "__pycache__", "*.egg-info",
+                                         ".pytest_cache", ".hypothesis")
+
+
+def IGNORED(folder: str, names: list[str]) -> set[str]:
+    """What the copy leaves out: caches and environments anywhere, training output (`runs/`) at the top only
+    (`toolkit/runs/` is a package)."""
+    skipped = set(SKIPPED_ANYWHERE(folder, names))
+    if Path(folder) == ROOT and "runs" in names:
+        skipped.add("runs")
+    return skipped
 
 
 @dataclass(frozen=True)
