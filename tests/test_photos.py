@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -137,13 +138,12 @@ def test_image_workers_follow_the_cpu_count_or_the_recipe(tmp_path, monkeypatch)
     assert sixteen == 16 * 4 * 3 * 560 * 560 * 4
     monkeypatch.setattr(photos, "shared_memory_free", lambda: 64 * 2**20)
     assert photos.loader_workers("auto", 1, sixteen) == 0 and photos.loader_workers(4, 1, sixteen) == 4
-    assert photos.loader_settings("auto", SPEC, 16)["dataloader_num_workers"] == 0
+    recipe_16 = SimpleNamespace(train=SimpleNamespace(batch_size=16), data=SimpleNamespace(image_workers="auto"))
+    assert vision.loader_workers(recipe_16, vision.ImageInputs(None, SPEC, 0)) == 0  # what training starts
     monkeypatch.setattr(photos, "shared_memory_free", lambda: 5 * sixteen)
     assert photos.loader_workers("auto", 1, sixteen) == 2
     monkeypatch.setattr(photos, "shared_memory_free", lambda: None)
     assert photos.loader_workers("auto", 1, sixteen) == 8
-    assert photos.loader_settings(0) == {"dataloader_num_workers": 0, "dataloader_persistent_workers": False}
-    assert photos.loader_settings(2) == {"dataloader_num_workers": 2, "dataloader_persistent_workers": True}
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {name: builtin:tiny-mllama}\ndata: {train: t.jsonl, image_workers: 3}\n")
     assert load_recipe(recipe).data.image_workers == 3

@@ -163,10 +163,3 @@ def loader_workers(setting: int | str, processes_here: int | None = None, batch_
     if batch_size_bytes and free is not None:
         workers = min(workers, free // (processes * PREFETCH * batch_size_bytes))
     return int(workers)
-
-
-def loader_settings(setting: int | str, spec=None, rows: int | str = 1) -> dict:
-    """The Trainer's DataLoader settings for image data: `loader_workers` worker processes, kept between epochs."""
-    rows = rows if isinstance(rows, int) else 1  # train.batch_size: auto is a number by the time batches are built
-    workers = loader_workers(setting, batch_size_bytes=batch_bytes(spec, rows) if spec is not None else 0)
-    return {"dataloader_num_workers": workers, "dataloader_persistent_workers": workers > 0}
