@@ -490,6 +490,12 @@ BREAKS = [
     Break("prompts-right-padded", "generation pads prompts on the right, between the prompt and its answer",
           "toolkit/evaluation/generation.py", 'padding=True, padding_side="left",', 'padding=True, padding_side="right",',
           ("tests/test_generate.py",)),
+    Break("int8-rows-off", "8-bit layers get their >3-D inputs as they are (eval/generate crash on CUDA at an outlier)",
+          "toolkit/model/loading.py", '    if recipe.quantization.mode == "8bit" and quantize:', "    if False:",
+          ("tests/test_images.py",)),
+    Break("int8-rows-shape-lost", "an 8-bit layer fed rows gives its output back as rows",
+          "toolkit/model/loading.py", "return output if shape is None else output.reshape(*shape, output.shape[-1])",
+          "return output", ("tests/test_images.py",)),
 ]
 
 
