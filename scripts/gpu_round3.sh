@@ -57,7 +57,8 @@ SETUPS=(
   "bf16-b64-offload-auto40: $BF train.batch_size=64 $OFF train.checkpoint_layers=auto train.memory_budget_gib=40"
   "construction-bf16: $BF train.batch_size=32 train.gradient_checkpointing=false"
   "8bit-b96-offload: train.batch_size=96 $OFF bench.profile=1"
-  "construction-bf16-compile: $BF train.batch_size=32 train.gradient_checkpointing=false train.compile=true bench.timeout=120"
+  "construction-bf16-noliger: $BF train.batch_size=32 train.gradient_checkpointing=false train.liger_kernel=false"
+  "construction-bf16-compile: $BF train.batch_size=32 train.gradient_checkpointing=false train.liger_kernel=false train.compile=true bench.timeout=120"
   "4bit-b128-offload: quantization.mode=4bit train.batch_size=128 $OFF"
   "bf16-b96-offload: $BF train.batch_size=96 $OFF"
   "8bit-b128-offload: train.batch_size=128 $OFF"
@@ -93,7 +94,7 @@ results = json.loads((out / "round3.json").read_text())["results"]
 by = {r["setup"].split(" ")[0]: r for r in results}
 # new path -> today's path on the same batches (same batch size, same rows, same order)
 PAIRS = {"4bit-b64-offload": "4bit-b64-ckpt", "8bit-b48-offload": "8bit-b48-ckpt",
-         "bf16-b64-offload-auto40": "bf16-b64-ckpt", "construction-bf16-compile": "construction-bf16",
+         "bf16-b64-offload-auto40": "bf16-b64-ckpt", "construction-bf16-compile": "construction-bf16-noliger",
          "bf16-b64-offload": "bf16-b64-ckpt", "4bit-b64-offload-auto16": "4bit-b64-ckpt"}
 
 def loss_gap(new, old):

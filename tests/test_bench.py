@@ -130,3 +130,16 @@ def test_bench_counts_image_batches_built_in_loader_workers(tmp_path, tiny_data)
     assert result["measured_steps"] == 2 and len(result["step_real_tokens"]) == 2
     assert all(20 * 2 <= tokens <= 40 * 2 for tokens in result["step_real_tokens"])
     assert result["images_s"] > 0
+
+
+def test_a_failed_setup_shows_its_first_line_and_logs_its_whole_traceback(monkeypatch, capsys):
+    from toolkit.bench import harness
+
+    def fails(*args):
+        raise AssertionError("from user code:\n   File \"layer.py\", line 3, in forward\n     eps.to(float)")
+
+    monkeypatch.setattr(harness, "measure", fails)
+    assert harness.measure_safely() == {"error": "AssertionError: from user code:"}
+    err = capsys.readouterr().err
+    assert err.startswith("setup failed: AssertionError\nTraceback (most recent call last):")
+    assert 'File "layer.py", line 3, in forward' in err and "eps.to(float)" in err
