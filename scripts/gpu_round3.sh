@@ -66,6 +66,9 @@ SETUPS=(
   "bf16-b64-offload: $BF train.batch_size=64 $OFF"
   "bf16-b48-offload: $BF train.batch_size=48 $OFF"
   "4bit-b64-offload-auto16: $B4 $OFF train.checkpoint_layers=auto train.memory_budget_gib=16"
+  "bf16-b64-ckpt-packed: $BF train.batch_size=64 train.padding_free=true"
+  "bf16-b64-ckpt-packed-flex: $BF train.batch_size=64 train.padding_free=true model.attn_implementation=flex_attention bench.timeout=150"
+  "4bit-b96-offload-packed-flex: quantization.mode=4bit train.batch_size=96 $OFF train.padding_free=true model.attn_implementation=flex_attention bench.timeout=150"
 )
 # ONLY="name1 name2" runs just those setups (their names before the colon), in the order above: a later GPU call
 # can finish what an earlier one's time limit skipped.
@@ -95,7 +98,9 @@ by = {r["setup"].split(" ")[0]: r for r in results}
 # new path -> today's path on the same batches (same batch size, same rows, same order)
 PAIRS = {"4bit-b64-offload": "4bit-b64-ckpt", "8bit-b48-offload": "8bit-b48-ckpt",
          "bf16-b64-offload-auto40": "bf16-b64-ckpt", "construction-bf16-compile": "construction-bf16-noliger",
-         "bf16-b64-offload": "bf16-b64-ckpt", "4bit-b64-offload-auto16": "4bit-b64-ckpt"}
+         "bf16-b64-offload": "bf16-b64-ckpt", "4bit-b64-offload-auto16": "4bit-b64-ckpt",
+         "bf16-b64-ckpt-packed": "bf16-b64-ckpt", "bf16-b64-ckpt-packed-flex": "bf16-b64-ckpt",
+         "4bit-b96-offload-packed-flex": "4bit-b96-offload"}
 
 def loss_gap(new, old):
     same = ("batch", "measured_steps", "warmup_steps", "warmup_lengths")

@@ -389,6 +389,20 @@ def test_a_text_model_refuses_image_rows(image_data, tmp_path, monkeypatch, caps
     assert config.vision_config is not None
 
 
+@pytest.mark.parametrize(("setting", "line"), [
+    ("train.padding_free=true", "train.padding_free is for text rows; 6 rows have images: set it to false"),
+    ("model.attn_implementation=flex_attention",
+     "model.attn_implementation=flex_attention is for text rows; 6 rows have images: use sdpa"),
+])
+def test_image_rows_refuse_text_only_settings_before_any_weight_loads(image_data, tmp_path, monkeypatch, capsys,
+                                                                       setting, line):
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    recipe = tiny_recipe(tmp_path, {"train": image_data["mixed"]})
+    assert main(["sft", str(recipe), "--set", setting, "--output-dir", str(tmp_path / "run")]) == 2
+    assert line in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "run").exists()
+
+
 def test_data_files_can_be_listed(image_data, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(image_data["folder"], copy)

@@ -70,7 +70,7 @@ TEXT_KEYS = {
     "max_grad_norm", "optim", "seed", "data_seed", "bf16", "fp16", "use_cpu", "gradient_checkpointing", "max_length",
     "completion_only_loss", "logging_steps", "logging_first_step", "logging_nan_inf_filter", "save_strategy",
     "save_steps", "save_total_limit", "eval_strategy", "eval_steps", "report_to", "disable_tqdm", "dataset_num_proc",
-    "use_liger_kernel", "pad_to_multiple_of",
+    "use_liger_kernel", "padding_free", "pad_to_multiple_of",
 }
 
 

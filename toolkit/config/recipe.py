@@ -41,7 +41,9 @@ class ModelSection(Section):
     name: str = Field(description="Hub id, local directory, or builtin:tiny-mllama.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Precision = Field("auto", description="dtype of the frozen base weights; auto follows train.precision.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "sdpa", description="Attention kernel; flex_attention: text rows only (with train.padding_free it skips the "
+        "pairs of different rows instead of computing and masking them).")
 
 
 class QuantizationSection(Section):
@@ -192,6 +194,9 @@ class TrainSection(Section):
                           "reused across layers, dynamic lengths, cached under the toolkit cache; GPU; not with "
                           "liger_kernel).")
     group_by_length: bool = Field(False, description="Batch rows of similar length together (less padding).")
+    padding_free: bool = Field(False, description="Text rows: each micro-batch as one sequence, its rows end to end "
+                               "with positions restarting at each row and no padding; each row attends to itself "
+                               "only (TRL's padding-free collator). Not for image rows.")
     liger_kernel: bool = Field(False, description="Use Liger's fused kernels (GPU, needs liger-kernel).")
     fused_lora: bool = Field(True, description="Run each LoRA layer as one autograd function that keeps only "
                              "its input (toolkit.model.fastlora); false: PEFT's own layers.")

@@ -57,6 +57,7 @@ def sft_kwargs(train, precision: str, device: Accelerator, output_dir: str, has_
         disable_tqdm=True,
         dataset_num_proc=None,
         use_liger_kernel=train.liger_kernel,
+        padding_free=train.padding_free,
         pad_to_multiple_of=pad_multiple(precision) if pad_multiple(precision) > 1 else None,
     )
     kwargs.update(strategy_kwargs(strategy, bool(train.gradient_checkpointing)))

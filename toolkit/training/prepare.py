@@ -75,6 +75,9 @@ def prepare(recipe, device: Accelerator | None = None) -> Prepared:
     device = device or loading.detect_accelerator()
     precision = resolve_precision(recipe.train.precision, device)
     check_kernels(recipe.train, device)
+    if recipe.model.attn_implementation == "flex_attention" and not device.cuda:
+        raise ToolkitError("model.attn_implementation=flex_attention trains on a CUDA GPU only (PyTorch has no "
+                           "FlexAttention backward on the CPU); use sdpa on CPU")
     trackers.check_installed(recipe.train.report_to)
     reading.check_files(recipe.data)
     model_config = loading.load_config(recipe.model.name, recipe.model.revision)
@@ -90,6 +93,7 @@ def prepare(recipe, device: Accelerator | None = None) -> Prepared:
         samples.check_recipe(recipe, evals.rows)
     prepared = Prepared(recipe, device, precision, tokenizer, model_config, train, evals, store.note, replay=mixed)
     if train.image_rows or evals.image_rows:
+        check_text_only_settings(recipe, train.image_rows + evals.image_rows)
         measure_images(prepared)
     prepared.lora_modules = lora_targets(recipe, model_config)
     return prepared
@@ -158,6 +162,17 @@ def held_out_rows(recipe) -> list:
     tokenizer = loading.load_tokenizer(recipe.model.name, recipe.model.revision)
     store = datastore.prepare_data(recipe.data, tokenizer, recipe.train.max_seq_length)
     return list(datastore.split_encodings(store, recipe.data, recipe.train.seed)[1].all_rows)
+
+
+def check_text_only_settings(recipe, image_rows: int) -> None:
+    """Refuse, before any weight loads, what works for text rows only: padding-free batches (image batches carry
+    pixel tensors and masks per row, which TRL's padding-free collator cannot lay end to end) and flex attention
+    (the vision tower's tile mask is made for SDPA and eager)."""
+    if recipe.train.padding_free:
+        raise ToolkitError(f"train.padding_free is for text rows; {image_rows} rows have images: set it to false")
+    if recipe.model.attn_implementation == "flex_attention":
+        raise ToolkitError(f"model.attn_implementation=flex_attention is for text rows; {image_rows} rows have "
+                           "images: use sdpa")
 
 
 def measure_images(prepared: Prepared) -> None:
