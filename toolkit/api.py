@@ -12,7 +12,7 @@ with the one line the command would print); the commands add their arguments, se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -62,8 +62,7 @@ def plan(recipe, overrides=()):
     elif overrides:
         raise ValueError("overrides apply to a recipe file; change a Recipe with model_copy instead")
     prepared = prepare(recipe)
-    prepared.recipe, _ = memory.memory_plan(prepared)
-    return prepared
+    return memory.memory_plan(prepared)[0]
 
 
 def train(recipe, run_dir=None, *, overrides=(), overwrite: bool = False, resume: bool = False) -> Run:
@@ -77,9 +76,8 @@ def train(recipe, run_dir=None, *, overrides=(), overwrite: bool = False, resume
     if isinstance(recipe, Prepared):
         if overrides:
             raise ValueError("overrides apply to a recipe file, not to a plan")
-        prepared = recipe
-        path = files.expand(str(run_dir or prepared.recipe.output_dir))
-        prepared.recipe = prepared.recipe.model_copy(update={"output_dir": str(path)})
+        path = files.expand(str(run_dir or recipe.recipe.output_dir))
+        prepared = replace(recipe, recipe=recipe.recipe.model_copy(update={"output_dir": str(path)}))
     else:
         from toolkit.config.recipe import load_recipe
 

@@ -161,7 +161,7 @@ def main(argv: list[str]) -> int:
     prepared = prepare(recipe)  # recipe, data and targets fail here, before the run directory is touched
     activations.check_strategy(recipe.train, args.strategy)
     auto = {key: getattr(recipe.train, key) == "auto" for key in ("batch_size", "checkpoint_layers")}
-    prepared.recipe, plan = memory.memory_plan(prepared)  # the auto settings become numbers here
+    prepared, plan = memory.memory_plan(prepared)  # the auto settings become numbers here
     if plan:
         resolved = [f"train.{key}: auto -> {getattr(prepared.recipe.train, key)}" for key, on in auto.items() if on]
         console.print("; ".join(resolved + [f"memory: {memory.plan_note(plan, prepared.recipe)}"]), soft_wrap=True)
