@@ -96,7 +96,7 @@ BREAKS = [
     Break("diverged-run-saved", "a run whose loss or weights went NaN is saved as finished",
           "toolkit/training/fit.py", "    if guard.problem:\n", "    if False:\n", ("tests/test_run_safety.py",)),
     Break("extract-overwrites", "extract --output replaces an existing file without --overwrite",
-          "toolkit/commands/extract.py", "        if not overwrite:\n", "        if False:\n",
+          "toolkit/export/extraction.py", "        if not overwrite:\n", "        if False:\n",
           ("tests/test_extract.py",)),
     Break("special-tokens-from-data", "special-token text in a row becomes the special token",
           "toolkit/data/encode.py", "split_special_tokens=as_text", "split_special_tokens=False",

@@ -97,3 +97,43 @@ def evaluate(run, data=None, **options):
     from toolkit.evaluation import run_eval
 
     return run_eval.evaluate(run.path if isinstance(run, Run) else Path(run), data, **options)
+
+
+def run_path(run) -> Path:
+    """A `Run`'s directory, or a path given as text (expanded as the commands expand theirs)."""
+    from toolkit.io import files
+
+    return run.path if isinstance(run, Run) else files.expand(str(run))
+
+
+def extract(run, output=None, *, format: str | None = None, overwrite: bool = False):
+    """`toolkit extract RUN --output OUTPUT`: the run's adapter state_dict (PEFT's keys) written to one file, with
+    the adapter config beside it, both put in place only once the file reads back identical. `format`:
+    "safetensors" or "pt" (default: from the name's suffix). Returns a `toolkit.export.extraction.Extracted` (the
+    file, its format, the adapter config, tensor and parameter counts).
+
+    Raises `ToolkitError` with the command's one line for: not a finished run, a format that contradicts the name,
+    an output that is a directory or inside the run, an existing output without `overwrite` (or with it, one
+    extract did not write), an unwritable folder, an adapter with no tensors, a file that does not read back."""
+    from toolkit.export import extraction
+
+    return extraction.extract(run_path(run), None if output is None else str(output), format, overwrite)
+
+
+def merge(run, output, *, dtype: str | None = None, tolerance: float | None = None, max_shard_size: str = "5GB",
+          overwrite: bool = False) -> dict:
+    """`toolkit merge RUN --output OUTPUT`: the adapter folded into the full-precision base, saved as a plain model
+    (from_pretrained, no PEFT), loaded back and checked against base + adapter's logits before it is put in place.
+    Returns the report (merge_report.json's content: max_abs_delta, tolerance, adapter_effect, prompts, ...).
+
+    Raises `ToolkitError` with the command's one line for: not a finished run, an output that is a file, overlaps
+    the run, is not empty (without `overwrite`) or is not a merged model the toolkit made (with it), an unwritable
+    or too long name, a dtype, tolerance or shard size that cannot work; and `toolkit.export.merging.CheckFailed`
+    (a `ToolkitError`, `toolkit merge` exits 1 on it) when the merged model is not within tolerance or not a plain
+    model: nothing is written to `output` then."""
+    from toolkit.export import merging
+    from toolkit.io import files
+
+    run_dir, out = run_path(run), files.expand(str(output))
+    recipe, dtype = merging.start(run_dir, out, dtype, overwrite, tolerance, max_shard_size)
+    return merging.merge_run(run_dir, out, recipe, dtype, tolerance, max_shard_size, overwrite)
