@@ -137,3 +137,25 @@ def merge(run, output, *, dtype: str | None = None, tolerance: float | None = No
     run_dir, out = run_path(run), files.expand(str(output))
     recipe, dtype = merging.start(run_dir, out, dtype, overwrite, tolerance, max_shard_size)
     return merging.merge_run(run_dir, out, recipe, dtype, tolerance, max_shard_size, overwrite)
+
+
+def bench(recipe, *, compare=(), overrides=(), no_recipe: bool = False, random_weights: bool = False, steps: int = 30,
+          warmup: int = 5, lengths: str = "70:370", profile: bool = False, losses: bool = False,
+          isolation: str = "process", setup_timeout: float | None = None, time_limit: float | None = None) -> dict:
+    """`toolkit bench RECIPE` without its printing: real training steps of the recipe (and of each `compare` setup,
+    'original' or 'LABEL: key=value ...', measured first) on synthetic rows of `lengths` tokens (MIN:MAX), each
+    setup in its own process unless `isolation="none"`. Returns what bench.json holds: `lengths`, `steps`,
+    `warmup` and `results`, one dict per setup (tokens/s and its spread, MFU, peak memory, ...; `error` instead
+    for a setup that failed, ran past a limit or was skipped); nothing is written.
+
+    Raises `ToolkitError` with the command's one line, before any setup runs, for: steps below 1 or warmup below
+    0, an unreadable recipe, a setup or `bench.*` key that cannot be read, a recipe a setup makes invalid, bad
+    lengths, a limit that is not a positive number of seconds, and `setup_timeout` or `bench.timeout` without
+    process isolation. A setup that fails while measuring is reported in its result, not raised."""
+    from toolkit.bench import harness
+
+    planned = harness.plan_bench(str(recipe), list(overrides), list(compare), no_recipe=no_recipe,
+                                 random_weights=random_weights, steps=steps, warmup=warmup, lengths=lengths,
+                                 profile=profile, losses=losses, isolation=isolation, setup_timeout=setup_timeout,
+                                 time_limit=time_limit)
+    return planned.document([harness.run_setup(planned, setup) for setup in planned.setups])

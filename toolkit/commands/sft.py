@@ -62,26 +62,6 @@ def rendezvous_of(args) -> distributed.Rendezvous | None:
     return distributed.Rendezvous(args.nodes, args.node_rank, args.master_addr, args.master_port, args.join_timeout)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def worker_arguments(args, run_dir: Path) -> list[str]:
     return ["sft", args.recipe, *(f"--set={o}" for o in args.overrides), "--output-dir", str(run_dir),
             "--strategy", args.strategy, *(["--resume"] if args.resume else []),
@@ -119,10 +99,6 @@ def launch_node(args, run_dir: Path, rendezvous: distributed.Rendezvous) -> int:
         raise ToolkitError(f"a training process on node {rendezvous.node_rank} failed (exit code {code}); "
                            f"{run_dir} is left incomplete (continue it with --resume on every node)")
     return 0
-
-
-
-
 
 
 def train_as_worker(args, prepared, run_dir: Path) -> int:
