@@ -9,6 +9,7 @@ from conftest import tiny_recipe
 
 from toolkit import api
 from toolkit.cli import main
+from toolkit.config.recipe import load_recipe
 from toolkit.errors import ToolkitError
 
 FAST = {"max_new_tokens": 4, "batch_size": 4}
@@ -96,8 +97,15 @@ def test_eval_says_when_its_rows_file_changed_since_training(tiny_run, tmp_path,
 def test_a_plan_cannot_be_changed_in_place(tmp_path, tiny_data):
     import dataclasses
 
-    plan = api.plan(tiny_recipe(tmp_path, tiny_data, train={"batch_size": "auto"}))
-    assert isinstance(plan.recipe.train.batch_size, int)  # resolved into a new plan, not written into the old one
+    from toolkit.training import memory
+    from toolkit.training.prepare import prepare
+
+    recipe_file = tiny_recipe(tmp_path, tiny_data, train={"batch_size": "auto"})
+    checked = prepare(load_recipe(str(recipe_file)))
+    resolved, _ = memory.memory_plan(checked)  # auto resolved into a new plan, not written into the one given
+    assert checked.recipe.train.batch_size == "auto" and resolved.recipe.train.batch_size == 12
+    plan = api.plan(recipe_file)
+    assert plan.recipe == resolved.recipe
     for name, value in (("recipe", None), ("lora_modules", ()), ("image_spec", None)):
         with pytest.raises(dataclasses.FrozenInstanceError, match=f"cannot assign to field '{name}'"):
             setattr(plan, name, value)
