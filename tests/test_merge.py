@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import tiny_recipe
 
+from toolkit import api
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
 
@@ -98,8 +99,7 @@ def test_a_merged_model_off_by_one_percent_fails(tiny_run, tmp_path, monkeypatch
 
 def test_8bit_adapter_merges_into_full_precision_base(tiny_data, tmp_path, capsys):
     recipe = tiny_recipe(tmp_path, tiny_data, train={"max_steps": 3})
-    run_dir = tmp_path / "run8"
-    assert main(["sft", str(recipe), "--output-dir", str(run_dir), "--set", "quantization.mode=8bit"]) == 0
+    run_dir = api.train(recipe, tmp_path / "run8", overrides=["quantization.mode=8bit"]).path
     capsys.readouterr()
     out = tmp_path / "merged8"
     assert main(["merge", str(run_dir), "--output", str(out), "--dtype", "fp32"]) == 0
@@ -179,7 +179,6 @@ def test_merges_check_prompts_are_whole_conversations(tmp_path):
 def test_merge_from_python_makes_the_commands_folder(tiny_run, merged_fp32, tmp_path):
     from safetensors.torch import load_file
 
-    from toolkit import api
     from toolkit.export import merging
 
     out = tmp_path / "api"
@@ -194,8 +193,6 @@ def test_merge_from_python_makes_the_commands_folder(tiny_run, merged_fp32, tmp_
 
 
 def test_merge_from_python_refuses_a_folder_it_did_not_make_with_the_commands_line(tiny_run, tmp_path, capsys):
-    from toolkit import api
-
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "keep.txt").write_text("mine", encoding="utf-8")
@@ -213,7 +210,6 @@ def test_merge_from_python_refuses_a_folder_it_did_not_make_with_the_commands_li
 
 
 def test_a_merge_from_python_that_fails_its_check_raises_and_writes_nothing(tiny_run, tmp_path):
-    from toolkit import api
     from toolkit.export import merging
 
     with pytest.raises(merging.CheckFailed) as failed:
