@@ -353,8 +353,6 @@ def image_load(prepared) -> tuple[int, int]:
 def memory_plan(prepared):
     """(the plan with its recipe's auto settings resolved, a new plan; the memory plan): what `toolkit sft` trains
     and what `toolkit validate` reports. The plan given is left as it is."""
-    from dataclasses import replace
-
     recipe, plan = plan_for(prepared)
     if plan is None and prepared.lengths:
         plan = estimate(recipe, prepared.model_config, prepared.lengths, prepared.precision, *image_load(prepared))
