@@ -521,6 +521,15 @@ BREAKS = [
           "toolkit/api.py", "    planned = harness.plan_bench(str(recipe), list(overrides), list(compare),",
           "    planned = harness.plan_bench(str(recipe), [], list(compare),",
           ("tests/test_bench.py::test_bench_from_python_measures_what_the_command_measures",)),
+    Break("compile-with-liger", "train.compile with train.liger_kernel passes validation (and fails after loading)",
+          "toolkit/config/recipe.py", "if self.compile and self.liger_kernel:", "if False:",
+          ("tests/test_activations.py",)),
+    Break("int8-rows-off", "8-bit layers get their >3-D inputs as they are (eval/generate crash on CUDA at an outlier)",
+          "toolkit/model/loading.py", '    if recipe.quantization.mode == "8bit" and quantize:', "    if False:",
+          ("tests/test_images.py",)),
+    Break("int8-rows-shape-lost", "an 8-bit layer fed rows gives its output back as rows",
+          "toolkit/model/loading.py", "return output if shape is None else output.reshape(*shape, output.shape[-1])",
+          "return output", ("tests/test_images.py",)),
 ]
 
 

@@ -48,27 +48,37 @@ OFF="train.gradient_checkpointing=offload"
 # (warm-up steps included: same batches, same order) can be compared. bf16 pairs compare their first 10.
 LONG="bench.steps=17"
 
+SETUPS=(
+  "4bit-b64-ckpt: $B4 $LONG"
+  "4bit-b64-offload: $B4 $OFF $LONG"
+  "8bit-b48-ckpt (construction.yaml): $LONG"
+  "8bit-b48-offload: $OFF $LONG"
+  "bf16-b64-ckpt: $BF train.batch_size=64"
+  "bf16-b64-offload-auto40: $BF train.batch_size=64 $OFF train.checkpoint_layers=auto train.memory_budget_gib=40"
+  "construction-bf16: $BF train.batch_size=32 train.gradient_checkpointing=false"
+  "8bit-b96-offload: train.batch_size=96 $OFF bench.profile=1"
+  "construction-bf16-noliger: $BF train.batch_size=32 train.gradient_checkpointing=false train.liger_kernel=false"
+  "construction-bf16-compile: $BF train.batch_size=32 train.gradient_checkpointing=false train.liger_kernel=false train.compile=true bench.timeout=120"
+  "4bit-b128-offload: quantization.mode=4bit train.batch_size=128 $OFF"
+  "bf16-b96-offload: $BF train.batch_size=96 $OFF"
+  "8bit-b128-offload: train.batch_size=128 $OFF"
+  "4bit-b96-offload: quantization.mode=4bit train.batch_size=96 $OFF"
+  "bf16-b64-offload: $BF train.batch_size=64 $OFF"
+  "bf16-b48-offload: $BF train.batch_size=48 $OFF"
+  "4bit-b64-offload-auto16: $B4 $OFF train.checkpoint_layers=auto train.memory_budget_gib=16"
+)
+# ONLY="name1 name2" runs just those setups (their names before the colon), in the order above: a later GPU call
+# can finish what an earlier one's time limit skipped.
+COMPARE=()
+for setup in "${SETUPS[@]}"; do
+  name="${setup%%:*}"; name="${name%% *}"
+  if [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]]; then COMPARE+=(--compare "$setup"); fi
+done
 echo "toolkit bench: up to $BUDGET_S s; progress in $OUT/bench.log"
 set +e
 # shellcheck disable=SC2086  # MODEL_ARGS and STEPS are word lists
 python3 -m toolkit bench "$RECIPE" $MODEL_ARGS --no-recipe $STEPS \
-  --time-limit "$BUDGET_S" --setup-timeout 150 --json "$OUT/round3.json" \
-  --compare "4bit-b64-ckpt: $B4 $LONG" \
-  --compare "4bit-b64-offload: $B4 $OFF $LONG" \
-  --compare "8bit-b48-ckpt (construction.yaml): $LONG" \
-  --compare "8bit-b48-offload: $OFF $LONG" \
-  --compare "bf16-b64-ckpt: $BF train.batch_size=64" \
-  --compare "bf16-b64-offload-auto40: $BF train.batch_size=64 $OFF train.checkpoint_layers=auto train.memory_budget_gib=40" \
-  --compare "construction-bf16: $BF train.batch_size=32 train.gradient_checkpointing=false" \
-  --compare "8bit-b96-offload: train.batch_size=96 $OFF bench.profile=1" \
-  --compare "construction-bf16-compile: $BF train.batch_size=32 train.gradient_checkpointing=false train.compile=true bench.timeout=120" \
-  --compare "4bit-b128-offload: quantization.mode=4bit train.batch_size=128 $OFF" \
-  --compare "bf16-b96-offload: $BF train.batch_size=96 $OFF" \
-  --compare "8bit-b128-offload: train.batch_size=128 $OFF" \
-  --compare "4bit-b96-offload: quantization.mode=4bit train.batch_size=96 $OFF" \
-  --compare "bf16-b64-offload: $BF train.batch_size=64 $OFF" \
-  --compare "bf16-b48-offload: $BF train.batch_size=48 $OFF" \
-  --compare "4bit-b64-offload-auto16: $B4 $OFF train.checkpoint_layers=auto train.memory_budget_gib=16" \
+  --time-limit "$BUDGET_S" --setup-timeout 150 --json "$OUT/round3.json" "${COMPARE[@]}" \
   > "$OUT/bench.log" 2>&1
 code=$?
 set -e
@@ -84,7 +94,7 @@ results = json.loads((out / "round3.json").read_text())["results"]
 by = {r["setup"].split(" ")[0]: r for r in results}
 # new path -> today's path on the same batches (same batch size, same rows, same order)
 PAIRS = {"4bit-b64-offload": "4bit-b64-ckpt", "8bit-b48-offload": "8bit-b48-ckpt",
-         "bf16-b64-offload-auto40": "bf16-b64-ckpt", "construction-bf16-compile": "construction-bf16",
+         "bf16-b64-offload-auto40": "bf16-b64-ckpt", "construction-bf16-compile": "construction-bf16-noliger",
          "bf16-b64-offload": "bf16-b64-ckpt", "4bit-b64-offload-auto16": "4bit-b64-ckpt"}
 
 def loss_gap(new, old):

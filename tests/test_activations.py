@@ -107,6 +107,9 @@ def test_refusals():
         TrainSection(gradient_checkpointing=True, checkpoint_layers=-1)
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         TrainSection(gradient_checkpointing="offlaod")
+    with pytest.raises(ValueError, match="compile=true cannot trace Liger's kernels in the decoder layers"):
+        TrainSection(compile=True, liger_kernel=True)
+    assert TrainSection(compile=True, liger_kernel=False).compile
 
 
 # ---- memory ----

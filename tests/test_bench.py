@@ -170,3 +170,16 @@ def test_bench_from_python_measures_what_the_command_measures(tmp_path, tiny_dat
         assert main(["bench", str(recipe), "--isolation", "none", "--json", str(tmp_path / "no.json"), *flag]) == 2
         assert " ".join(capsys.readouterr().out.split()) == f"error: {message}"
     assert not (tmp_path / "no.json").exists()
+
+
+def test_a_failed_setup_shows_its_first_line_and_logs_its_whole_traceback(monkeypatch, capsys):
+    from toolkit.bench import harness
+
+    def fails(*args):
+        raise AssertionError("from user code:\n   File \"layer.py\", line 3, in forward\n     eps.to(float)")
+
+    monkeypatch.setattr(harness, "measure", fails)
+    assert harness.measure_safely() == {"error": "AssertionError: from user code:"}
+    err = capsys.readouterr().err
+    assert err.startswith("setup failed: AssertionError\nTraceback (most recent call last):")
+    assert 'File "layer.py", line 3, in forward' in err and "eps.to(float)" in err

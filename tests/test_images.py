@@ -413,3 +413,55 @@ def test_validate_refuses_a_tokenizer_whose_image_token_is_not_the_models(image_
     text_only = tiny_recipe(tmp_path, {"train": str(image_data["folder"] / "text.jsonl")}, model={"name": str(folder)})
     write_jsonl(image_data["folder"] / "text.jsonl", term_rows())
     assert main(["validate", str(text_only)]) == 0  # text rows never read the image token
+
+
+def cuda_like_int8_quant(monkeypatch):
+    """bitsandbytes' LLM.int8() quantization as its CUDA backend behaves: an input of more than 2 dims with a value
+    at or above the threshold fails in its outlier search (`argwhere(...).view(-1)` on a non-viewable index list);
+    the CPU backend's `view` happens to work, so the crash the GPU host showed needs this stand-in here."""
+    import bitsandbytes.functional as F
+
+    def checked(real):
+        def quant(A, *args, threshold=0.0, **kwargs):
+            if A.dim() > 2 and threshold > 0 and bool((A.abs() >= threshold).any()):
+                raise RuntimeError("view size is not compatible with input tensor's size and stride")
+            return real(A, *args, threshold=threshold, **kwargs)
+        return quant
+
+    for name in ("int8_vectorwise_quant", "int8_double_quant"):
+        monkeypatch.setattr(F, name, checked(getattr(F, name)))
+
+
+def test_an_8bit_layer_gets_rows_and_gives_back_the_inputs_shape(monkeypatch):
+    import bitsandbytes as bnb
+
+    cuda_like_int8_quant(monkeypatch)
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear8bitLt(24, 16, bias=True, has_fp16_weights=False, threshold=0.5)
+    layer.load_state_dict({"weight": torch.randn(16, 24), "bias": torch.randn(16)})
+    layer.eval()  # in training mode the CPU backend takes a dequantizing matmul with no outlier search
+    x = torch.randn(2, 3, 1, 5, 24)
+    with pytest.raises(RuntimeError, match="view size"):
+        layer(x)
+    assert loading.feed_int8_layers_rows(torch.nn.Sequential(layer)) == 1
+    out = layer(x)
+    assert out.shape == (2, 3, 1, 5, 16)
+    assert torch.equal(out, layer(x.reshape(-1, 24)).reshape(2, 3, 1, 5, 16))
+    assert layer(x[0, 0]).shape == (1, 5, 16)  # 3-D and shorter pass as they are
+
+
+def test_an_8bit_image_run_evaluates_and_generates_with_cuda_like_int8(image_data, tmp_path, monkeypatch, capsys):
+    recipe = tiny_recipe(tmp_path, {"train": image_data["mixed"], "eval": image_data["images"]},
+                         train={"max_steps": 2, "batch_size": 6, "save_steps": 2},
+                         quantization={"mode": "8bit", "int8_threshold": 0.5})
+    run_dir = tmp_path / "run8"
+    assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 0
+    cuda_like_int8_quant(monkeypatch)
+    picture = str(image_data["folder"] / "pics" / "상자_0.png")
+    generate = ["generate", str(run_dir), "이 그림은 무엇입니까?", "--image", picture, "--max-new-tokens", "3"]
+    assert main(generate) == 0
+    assert main(["eval", str(run_dir), "--limit", "2", "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(loading, "feed_int8_layers_rows", lambda model: 0)  # the projector gets its 5-D input
+    assert main(generate) == 1
+    assert "view size is not compatible" in capsys.readouterr().out

@@ -9,6 +9,7 @@ import json
 import random
 import re
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -540,10 +541,16 @@ def free_memory() -> None:
 
 
 def measure_safely(*args) -> dict:
-    """`measure`, with a failure (e.g. running out of memory) returned as {'error': ...} instead of raised."""
+    """`measure`, with a failure (e.g. running out of memory) returned as {'error': ...} instead of raised. The
+    table shows the error's first line; its whole traceback goes to stderr, since some first lines (torch.compile's
+    "AssertionError: from user code:") say nothing of the cause."""
     try:
         return measure(*args)
     except Exception as err:  # one setup failing must not lose the others' numbers
+        import traceback
+
+        print(f"setup failed: {type(err).__name__}", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
         free_memory()
         return {"error": f"{type(err).__name__}: {first_line(err)}"}
 

@@ -189,7 +189,8 @@ class TrainSection(Section):
         "(spread evenly; the others keep their activations and skip the recomputation); auto: the fewest that fit "
         "train.memory_budget_gib.")
     compile: bool = Field(False, description="torch.compile each self-attention decoder layer (one compiled block "
-                          "reused across layers, dynamic lengths, cached under the toolkit cache; GPU).")
+                          "reused across layers, dynamic lengths, cached under the toolkit cache; GPU; not with "
+                          "liger_kernel).")
     group_by_length: bool = Field(False, description="Batch rows of similar length together (less padding).")
     liger_kernel: bool = Field(False, description="Use Liger's fused kernels (GPU, needs liger-kernel).")
     fused_lora: bool = Field(True, description="Run each LoRA layer as one autograd function that keeps only "
@@ -237,6 +238,15 @@ class TrainSection(Section):
         if self.checkpoint_layers != "all" and not self.gradient_checkpointing:
             raise ValueError(f"checkpoint_layers={self.checkpoint_layers} needs gradient_checkpointing: true or "
                              "offload")
+        return self
+
+    @model_validator(mode="after")
+    def _compile_without_liger(self) -> "TrainSection":
+        # Measured on an H100 (torch 2.11, liger-kernel 0.8.5): Dynamo fails inside the layers Liger patched (its
+        # RMSNorm Triton kernel cannot be traced), after the whole model has loaded.
+        if self.compile and self.liger_kernel:
+            raise ValueError("compile=true cannot trace Liger's kernels in the decoder layers (torch.compile fails "
+                             "on them); set liger_kernel: false to compile, or compile: false")
         return self
 
     @field_validator("optim")

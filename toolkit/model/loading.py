@@ -149,7 +149,39 @@ def load_model(recipe, precision: str, device: Accelerator, quantize: bool = Tru
     except ImportError as err:
         raise ToolkitError(f"cannot load '{recipe.model.name}': {first_line(err)}") from None
     vision_tower.prepare(model, recipe.data.vision_tiles, recipe.model.attn_implementation)
+    if recipe.quantization.mode == "8bit" and quantize:
+        feed_int8_layers_rows(model)
     return model
+
+
+def feed_int8_layers_rows(model) -> int:
+    """Give every 8-bit layer its input as rows (2-D) and its output back in the input's shape; returns how many.
+
+    bitsandbytes' LLM.int8() matmul flattens a 3-D input to rows but passes a longer one on as it is, and then finds
+    the outlier columns with `argwhere(outliers.any(dim=0)).view(-1)`, which assumes rows. Mllama's projector gets
+    the vision features as (batch, images, tiles, tokens, features): on CUDA the first feature at or above
+    `int8_threshold` makes that `view` raise ("view size is not compatible with input tensor's size and stride"), so
+    eval and generate on image rows crashed with an 8-bit base (training runs these layers through the dequantizing
+    path of `toolkit.model.fastlora` and never reached it). Rows are what the matmul computes anyway, so the
+    result is the same."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    for layer in layers:
+        layer.register_forward_pre_hook(_as_rows)
+        layer.register_forward_hook(_in_input_shape)
+    return len(layers)
+
+
+def _as_rows(layer, args):
+    x = args[0]
+    layer._toolkit_input_shape = x.shape[:-1] if x.dim() > 3 else None
+    return (x.reshape(-1, x.shape[-1]), *args[1:]) if x.dim() > 3 else None
+
+
+def _in_input_shape(layer, args, output):
+    shape, layer._toolkit_input_shape = layer._toolkit_input_shape, None
+    return output if shape is None else output.reshape(*shape, output.shape[-1])
 
 
 
