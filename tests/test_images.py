@@ -454,8 +454,7 @@ def test_an_8bit_image_run_evaluates_and_generates_with_cuda_like_int8(image_dat
     recipe = tiny_recipe(tmp_path, {"train": image_data["mixed"], "eval": image_data["images"]},
                          train={"max_steps": 2, "batch_size": 6, "save_steps": 2},
                          quantization={"mode": "8bit", "int8_threshold": 0.5})
-    run_dir = tmp_path / "run8"
-    assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 0
+    run_dir = api.train(recipe, tmp_path / "run8").path
     cuda_like_int8_quant(monkeypatch)
     picture = str(image_data["folder"] / "pics" / "상자_0.png")
     generate = ["generate", str(run_dir), "이 그림은 무엇입니까?", "--image", picture, "--max-new-tokens", "3"]
