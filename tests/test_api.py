@@ -9,6 +9,7 @@ from conftest import tiny_recipe
 
 from toolkit import api
 from toolkit.cli import main
+from toolkit.config.recipe import load_recipe
 from toolkit.errors import ToolkitError
 
 FAST = {"max_new_tokens": 4, "batch_size": 4}
@@ -91,3 +92,34 @@ def test_eval_says_when_its_rows_file_changed_since_training(tiny_run, tmp_path,
     assert json.loads((tmp_path / "e.json").read_text(encoding="utf-8"))["data_changed_since_training"] == ["data.eval"]
     (copy / "started.json").unlink()  # a run an earlier toolkit started: nothing to compare with
     assert api.evaluate(copy, limit=1, **FAST).summary["data_changed_since_training"] is None
+
+
+def test_a_plan_cannot_be_changed_in_place(tmp_path, tiny_data):
+    import dataclasses
+
+    from toolkit.training import memory
+    from toolkit.training.prepare import prepare
+
+    recipe_file = tiny_recipe(tmp_path, tiny_data, train={"batch_size": "auto"})
+    checked = prepare(load_recipe(str(recipe_file)))
+    resolved, _ = memory.memory_plan(checked)  # auto resolved into a new plan, not written into the one given
+    assert checked.recipe.train.batch_size == "auto" and resolved.recipe.train.batch_size == 12
+    plan = api.plan(recipe_file)
+    assert plan.recipe == resolved.recipe
+    for name, value in (("recipe", None), ("lora_modules", ()), ("image_spec", None)):
+        with pytest.raises(dataclasses.FrozenInstanceError, match=f"cannot assign to field '{name}'"):
+            setattr(plan, name, value)
+    with pytest.raises(TypeError, match="does not support item assignment"):
+        plan.image_tiles["a.png"] = 1
+    assert len(plan.lora_modules) == 16 and all(isinstance(m, str) for m in plan.lora_modules)
+
+
+def test_training_a_plan_leaves_the_plan_as_it_was(tmp_path, tiny_data):
+    """api.train writes the run directory it is given into its own copy of the plan, and the trainer's module list
+    into the run, never into the plan a notebook keeps."""
+    plan = api.plan(tiny_recipe(tmp_path, tiny_data, train={"max_steps": 2, "save_steps": 100}))
+    recipe, modules = plan.recipe, plan.lora_modules
+    run = api.train(plan, tmp_path / "elsewhere")
+    assert plan.recipe is recipe and plan.recipe.output_dir == "runs/recipe" and plan.lora_modules is modules
+    assert run.path == tmp_path / "elsewhere" and run.recipe.output_dir == str(tmp_path / "elsewhere")
+    assert run.summary["steps"] == 2 and run.summary["lora_modules"] == 16

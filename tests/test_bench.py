@@ -132,6 +132,46 @@ def test_bench_counts_image_batches_built_in_loader_workers(tmp_path, tiny_data)
     assert result["images_s"] > 0
 
 
+def test_bench_from_python_measures_what_the_command_measures(tmp_path, tiny_data, capsys):
+    """The same setups on the same synthetic rows: the same tokens per step, batches and losses; only the clock
+    readings differ. Refusals are the command's lines."""
+    import json
+
+    from tests.conftest import tiny_recipe
+    from toolkit import api
+    from toolkit.cli import main
+
+    recipe = tiny_recipe(tmp_path, tiny_data, train={"batch_size": 2})
+    flags = {"steps": 2, "warmup": 1, "lengths": "20:40", "losses": True, "isolation": "none"}
+    ours = api.bench(recipe, compare=["lr: train.learning_rate=0.01"], overrides=["train.seed=3"], **flags)
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(recipe), "--steps", "2", "--warmup", "1", "--lengths", "20:40", "--losses",
+                 "--isolation", "none", "--json", str(out), "--compare", "lr: train.learning_rate=0.01",
+                 "--set", "train.seed=3"]) == 0
+    theirs = json.loads(out.read_text(encoding="utf-8"))
+    assert {k: v for k, v in ours.items() if k != "results"} == {"lengths": "20:40", "steps": 2, "warmup": 1}
+    assert [r["setup"] for r in ours["results"]] == [r["setup"] for r in theirs["results"]] == ["lr", "recipe"]
+    assert ours["results"][0]["overrides"] == ["train.learning_rate=0.01", "train.seed=3"]
+    for mine, command in zip(ours["results"], theirs["results"]):
+        assert set(mine) == set(command) and "error" not in mine
+        for key in ("overrides", "batch", "grad_accum", "measured_steps", "step_real_tokens", "warmup_lengths",
+                    "fused_layers", "checkpoint_layers"):
+            assert mine[key] == command[key], key
+        assert mine["losses"] == pytest.approx(command["losses"], rel=1e-5)
+    capsys.readouterr()
+    for bad, flag, message in (({"steps": 0}, ["--steps", "0"], "--steps must be at least 1 and --warmup at least 0"),
+                               ({"compare": ["x: bench.timeout=5"]}, ["--compare", "x: bench.timeout=5"],
+                                "bench.timeout needs --isolation process (a setup in this process cannot be stopped)"),
+                               ({"compare": ["train.batch_size=3"]}, ["--compare", "train.batch_size=3"],
+                                "--compare expects 'original' or 'LABEL: key=value ...', got 'train.batch_size=3'")):
+        with pytest.raises(ToolkitError) as refused:
+            api.bench(recipe, **{**flags, **bad})
+        assert str(refused.value) == message
+        assert main(["bench", str(recipe), "--isolation", "none", "--json", str(tmp_path / "no.json"), *flag]) == 2
+        assert " ".join(capsys.readouterr().out.split()) == f"error: {message}"
+    assert not (tmp_path / "no.json").exists()
+
+
 def test_a_failed_setup_shows_its_first_line_and_logs_its_whole_traceback(monkeypatch, capsys):
     from toolkit.bench import harness
 

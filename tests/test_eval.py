@@ -10,6 +10,7 @@ import pytest
 import yaml
 from conftest import TERMS, tiny_recipe, write_jsonl
 
+from toolkit import api
 from toolkit.cli import main
 from toolkit.data import reading
 from toolkit.errors import ToolkitError
@@ -41,8 +42,7 @@ def learned_run(tmp_path_factory, tiny_data) -> Path:
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
     recipe = tiny_recipe(folder, tiny_data, train={"max_steps": 24, "learning_rate": 0.01, "save_steps": 100},
                          lora={"r": 16, "targets": targets})
-    assert main(["sft", str(recipe), "--output-dir", str(folder / "run")]) == 0
-    return folder / "run"
+    return api.train(recipe, folder / "run").path
 
 
 def scores_of(records: list[dict], answer: str) -> dict:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from toolkit.cli import main
-from toolkit.commands.extract import choose_format, mismatches, read_state_dict
 from toolkit.errors import ToolkitError
+from toolkit.export.extraction import choose_format, mismatches, read_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +98,39 @@ def test_nothing_is_written_into_the_run(tiny_run, name, capsys):
     assert main(["extract", str(tiny_run), "--output", str(tiny_run / name), "--overwrite"]) == 2
     assert "inside the run directory" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in tiny_run.iterdir() if p.is_file()} == before
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_extract_from_python_writes_what_the_command_writes(tiny_run, tmp_path, fmt, capsys):
+    from toolkit import api
+    from toolkit.export.extraction import Extracted
+
+    done = api.extract(api.Run.open(tiny_run), tmp_path / f"api.{fmt}")
+    assert main(["extract", str(tiny_run), "--output", str(tmp_path / f"cli.{fmt}")]) == 0
+    from_api, from_cli = read_state_dict(tmp_path / f"api.{fmt}", fmt), read_state_dict(tmp_path / f"cli.{fmt}", fmt)
+    assert sorted(from_api) == sorted(from_cli) and len(from_cli) == 32
+    assert all(torch.equal(from_api[key], from_cli[key]) for key in from_cli)
+    assert done == Extracted(tmp_path / f"api.{fmt}", fmt, tmp_path / "api.adapter_config.json", len(from_cli),
+                             sum(t.numel() for t in from_cli.values()))
+    assert done.adapter_config.read_bytes() == (tmp_path / "cli.adapter_config.json").read_bytes()
+    assert "tensors identical" in capsys.readouterr().out
+
+
+def test_extract_from_python_refuses_with_the_commands_line(tiny_run, tmp_path, capsys):
+    from toolkit import api
+
+    mine = tmp_path / "mine.pt"
+    torch.save({"weights": torch.zeros(2)}, mine)
+    for overwrite, flags in ((False, []), (True, ["--overwrite"])):
+        with pytest.raises(ToolkitError) as refused:
+            api.extract(tiny_run, mine, overwrite=overwrite)
+        capsys.readouterr()
+        assert main(["extract", str(tiny_run), "--output", str(mine), *flags]) == 2
+        assert one_line(capsys.readouterr().out) == one_line(f"error: {refused.value}")
+        assert torch.load(mine, weights_only=True)["weights"].shape == (2,)
+    assert str(refused.value) == (f"{mine} exists and was not written by toolkit extract; --overwrite only replaces "
+                                  "extract's own files. Remove it yourself or choose another --output")

@@ -13,6 +13,7 @@ from conftest import term_rows, tiny_recipe, write_jsonl
 from PIL import Image
 from safetensors.torch import load_file
 
+from toolkit import api
 from toolkit.cli import main
 from toolkit.config.recipe import DataSection, recipe_from_dict
 from toolkit.data import encode, photos, reading, vision
@@ -246,8 +247,7 @@ def test_a_run_capped_below_the_models_tiles_trains(image_data, tmp_path, monkey
     recipe = tiny_recipe(tmp_path, {"train": image_data["images"]}, model={"name": str(model)},
                          train={"max_steps": 2, "batch_size": 6, "save_steps": 2})
     # data.image_workers=0: the batches are built in this process, where `seen` records them
-    assert main(["sft", str(recipe), "--set", "data.max_image_tiles=2", "--set", "data.image_workers=0",
-                 "--output-dir", str(tmp_path / "run")]) == 0
+    api.train(recipe, tmp_path / "run", overrides=["data.max_image_tiles=2", "data.image_workers=0"])
     masks = [mask for batch in seen for mask in batch]
     assert len(masks) == 12 and {tuple(m) for m in masks} == {(1, 0, 0, 0), (1, 1, 0, 0)}
 
@@ -257,9 +257,7 @@ def image_run(tmp_path_factory, image_data) -> Path:
     folder = tmp_path_factory.mktemp("image-run")
     recipe = tiny_recipe(folder, {"train": image_data["mixed"], "eval": image_data["images"]},
                          train={"max_steps": 8, "batch_size": 6, "learning_rate": 0.01, "save_steps": 8})
-    run_dir = folder / "run"
-    assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 0
-    return run_dir
+    return api.train(recipe, folder / "run").path
 
 
 def cross_attention_b(run_dir: Path) -> dict:
@@ -474,8 +472,7 @@ def test_an_8bit_image_run_evaluates_and_generates_with_cuda_like_int8(image_dat
     recipe = tiny_recipe(tmp_path, {"train": image_data["mixed"], "eval": image_data["images"]},
                          train={"max_steps": 2, "batch_size": 6, "save_steps": 2},
                          quantization={"mode": "8bit", "int8_threshold": 0.5})
-    run_dir = tmp_path / "run8"
-    assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 0
+    run_dir = api.train(recipe, tmp_path / "run8").path
     cuda_like_int8_quant(monkeypatch)
     picture = str(image_data["folder"] / "pics" / "상자_0.png")
     generate = ["generate", str(run_dir), "이 그림은 무엇입니까?", "--image", picture, "--max-new-tokens", "3"]

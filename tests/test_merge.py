@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from conftest import tiny_recipe
 
+from toolkit import api
 from toolkit.cli import main
+from toolkit.errors import ToolkitError
 
 ROW = {"instruction": "다음 건설 용어를 설명하세요.", "input": "양생"}
 
@@ -96,8 +99,7 @@ def test_a_merged_model_off_by_one_percent_fails(tiny_run, tmp_path, monkeypatch
 
 def test_8bit_adapter_merges_into_full_precision_base(tiny_data, tmp_path, capsys):
     recipe = tiny_recipe(tmp_path, tiny_data, train={"max_steps": 3})
-    run_dir = tmp_path / "run8"
-    assert main(["sft", str(recipe), "--output-dir", str(run_dir), "--set", "quantization.mode=8bit"]) == 0
+    run_dir = api.train(recipe, tmp_path / "run8", overrides=["quantization.mode=8bit"]).path
     capsys.readouterr()
     out = tmp_path / "merged8"
     assert main(["merge", str(run_dir), "--output", str(out), "--dtype", "fp32"]) == 0
@@ -172,3 +174,54 @@ def test_merges_check_prompts_are_whole_conversations(tmp_path):
     assert "행 시스템<|eot_id|>" in text and "첫 질문<|eot_id|>" in text and "첫 답<|eot_id|>" in text
     assert text.endswith("둘째 질문<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     assert prompts[0].input_ids == example.input_ids[: len(prompts[0].input_ids)]
+
+
+def test_merge_from_python_makes_the_commands_folder(tiny_run, merged_fp32, tmp_path):
+    from safetensors.torch import load_file
+
+    from toolkit.export import merging
+
+    out = tmp_path / "api"
+    report = api.merge(api.Run.open(tiny_run), out, dtype="fp32")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in merged_fp32.iterdir())
+    assert json.loads((out / merging.REPORT_FILE).read_text(encoding="utf-8")) == report
+    command = json.loads((merged_fp32 / merging.REPORT_FILE).read_text(encoding="utf-8"))
+    assert report == command and report["passed"] is True and report["dtype"] == "fp32"
+    ours, theirs = load_file(out / "model.safetensors"), load_file(merged_fp32 / "model.safetensors")
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert (out / "config.json").read_bytes() == (merged_fp32 / "config.json").read_bytes()
+
+
+def test_merge_from_python_refuses_a_folder_it_did_not_make_with_the_commands_line(tiny_run, tmp_path, capsys):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("mine", encoding="utf-8")
+    for overwrite, flags in ((False, []), (True, ["--overwrite"])):
+        with pytest.raises(ToolkitError) as refused:
+            api.merge(tiny_run, theirs, overwrite=overwrite)
+        capsys.readouterr()
+        assert main(["merge", str(tiny_run), "--output", str(theirs), *flags]) == 2
+        assert " ".join(capsys.readouterr().out.split()) == " ".join(f"error: {refused.value}".split())
+        assert sorted(p.name for p in theirs.iterdir()) == ["keep.txt"]
+    assert str(refused.value) == (f"--output {theirs} is not made by toolkit (no .toolkit.json); --overwrite only "
+                                  "replaces a merged directory the toolkit made. Remove it yourself or choose another "
+                                  "directory")
+    assert (theirs / "keep.txt").read_text(encoding="utf-8") == "mine"
+
+
+def test_a_merge_from_python_that_fails_its_check_raises_and_writes_nothing(tiny_run, tmp_path):
+    from toolkit.export import merging
+
+    with pytest.raises(merging.CheckFailed) as failed:
+        api.merge(tiny_run, tmp_path / "m", dtype="bf16", tolerance=1e-9)
+    assert str(failed.value).startswith("the merged model differs from base + adapter by ")
+    assert str(failed.value).endswith(f"not within tolerance 1e-09; do not use it. Nothing was written to "
+                                      f"{tmp_path / 'm'} (--dtype fp32 rounds less; --tolerance if this is expected)")
+    assert failed.value.report["passed"] is False and failed.value.traces == []
+    assert list(tmp_path.iterdir()) == []
+    for bad, message in (({"dtype": "fp8"}, "--dtype fp8: choose one of bf16, fp16, fp32"),
+                         ({"tolerance": float("nan")}, "--tolerance: must be a positive number, got nan"),
+                         ({"max_shard_size": "abc"}, "--max-shard-size: give a size such as 500MB or 5GB, got 'abc'")):
+        with pytest.raises(ToolkitError, match=f"^{re.escape(message)}$"):
+            api.merge(tiny_run, tmp_path / "m", **bad)
+    assert list(tmp_path.iterdir()) == []

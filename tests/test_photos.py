@@ -161,7 +161,7 @@ def test_image_batches_are_built_in_loader_workers_and_train_the_same_adapter(tm
     from conftest import tiny_recipe, write_jsonl
     from safetensors.torch import load_file
 
-    from toolkit.cli import main
+    from toolkit import api
 
     (tmp_path / "pics").mkdir()
     rows = []
@@ -181,8 +181,7 @@ def test_image_batches_are_built_in_loader_workers_and_train_the_same_adapter(tm
     adapters = {}
     for workers in (0, 2):
         recipe = tiny_recipe(tmp_path, {"train": str(train)}, train={"max_steps": 2, "batch_size": 2, "save_steps": 2})
-        run_dir = tmp_path / f"run{workers}"
-        assert main(["sft", str(recipe), "--output-dir", str(run_dir), "--set", f"data.image_workers={workers}"]) == 0
+        run_dir = api.train(recipe, tmp_path / f"run{workers}", overrides=[f"data.image_workers={workers}"]).path
         pids = {int(p.name) for p in built_by.iterdir()}
         assert pids == ({os.getpid()} if workers == 0 else pids - {os.getpid()}) and len(pids) >= 1
         assert workers == 0 or os.getpid() not in pids

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import write_jsonl
+from toolkit import api
 from toolkit.cli import main
 from toolkit.data import replay
 from toolkit.model import loading
@@ -31,7 +32,7 @@ OWN_REPLAY_SHARE = 0.25
 # Measured KL(tuned || base) per general reference token with OWN_ANSWERS replayed: 0.44 (seed 1) and 0.37 (seed 2);
 # without replay 1.59 and 1.69, with the shipped set 1.71 (share 0.25) and 1.79 (0.5), seed 1.
 OWN_REPLAY_MAX_KL = 0.8
-EVAL_FLAGS = ["--compare-base", "--batch-size", "32", "--max-new-tokens", "32"]
+EVAL_OPTIONS = {"compare_base": True, "batch_size": 32, "max_new_tokens": 32}
 
 # The learning setting: LoRA r=16 on every linear layer, 4 epochs of the 90 rows (48 steps of 8 rows). Measured with
 # seeds 1 and 2 (docs/real-model.md): held-out domain term accuracy 0.000 -> 0.867 and 0.900; general questions
@@ -56,18 +57,14 @@ def real_recipe(folder: Path, model: Path, **sections) -> Path:
 
 
 def trained(folder: Path, model: Path, name: str, **sections) -> Path:
-    run = folder / name
-    assert main(["sft", str(real_recipe(folder, model, **sections)), "--output-dir", str(run)]) == 0
-    return run
+    return api.train(real_recipe(folder, model, **sections), folder / name).path
 
 
 def evaluated(run: Path) -> dict:
-    """`toolkit eval` base vs tuned on the held-out domain questions, with `--retention` on the general questions
-    the converted base answers right."""
-    out = run.parent / f"{run.name}-eval.json"
-    assert main(["eval", str(run), *EVAL_FLAGS, "--retention", "--retention-data", str(GENERAL),
-                 "--json", str(out)]) == 0
-    return json.loads(out.read_text(encoding="utf-8"))
+    """What `toolkit eval --compare-base --retention` writes to eval.json: base vs tuned on the held-out domain
+    questions, and the retention check on the general questions the converted base answers right."""
+    result = api.evaluate(run, retention_check=True, retention_data=str(GENERAL), **EVAL_OPTIONS)
+    return json.loads(json.dumps(result.summary))
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +145,7 @@ def first_losses(folder: Path, model: Path, fused: bool, dropout: float) -> list
     run = folder / f"{'fused' if fused else 'plain'}-{dropout}"
     recipe = real_recipe(folder, model, lora={"dropout": dropout},
                          train={"max_steps": 20, "batch_size": 2, "logging_steps": 1, "fused_lora": fused})
-    assert main(["sft", str(recipe), "--output-dir", str(run)]) == 0
-    history = json.loads((run / "metrics.json").read_text(encoding="utf-8"))["log_history"]
+    history = json.loads((api.train(recipe, run).path / "metrics.json").read_text(encoding="utf-8"))["log_history"]
     return [entry["loss"] for entry in history if "loss" in entry]
 
 

@@ -11,6 +11,7 @@ import torch
 from conftest import term_rows, tiny_recipe, write_jsonl
 from safetensors.torch import load_file, save_file
 
+from toolkit import api
 from toolkit.cli import main
 from toolkit.config.recipe import RetentionSection, recipe_from_dict
 from toolkit.errors import ToolkitError
@@ -126,8 +127,7 @@ def run_of(folder, train_file, learning_rate):
     recipe = tiny_recipe(folder, {"train": train_file}, lora=QUICKSTART_LORA,
                          train={"max_steps": 12, "learning_rate": learning_rate, "lr_scheduler": "constant",
                                 "save_steps": 100})
-    assert main(["sft", str(recipe), "--output-dir", str(folder / "run")]) == 0
-    return folder / "run"
+    return api.train(recipe, folder / "run").path
 
 
 def test_a_run_trained_to_forget_drifts_more(tmp_path, tiny_data):

@@ -11,6 +11,7 @@ import torch
 from conftest import TERMS, tiny_recipe, write_jsonl
 from safetensors.torch import load_file
 
+from toolkit import api
 from toolkit.cli import main
 from toolkit.commands.eval import build_parser
 from toolkit.errors import ToolkitError
@@ -49,8 +50,7 @@ def two_runs(tmp_path_factory, tiny_data):
     runs = {}
     for name, extra in (("plain", {}), ("sampled", {"sample_every": 2})):
         recipe = tiny_recipe(folder, tiny_data, **{**SETTINGS, "train": {**SETTINGS["train"], **extra}})
-        runs[name] = folder / name
-        assert main(["sft", str(recipe), "--output-dir", str(runs[name])]) == 0
+        runs[name] = api.train(recipe, folder / name).path
     patch.undo()
     return runs["plain"], runs["sampled"], answers
 
@@ -122,7 +122,7 @@ def test_bf16_training_samples_under_the_trainers_autocast(tmp_path, tiny_data, 
     monkeypatch.setattr(samples, "MAX_NEW_TOKENS", 4)
     recipe = tiny_recipe(tmp_path, tiny_data, train={"max_steps": 2, "sample_every": 2, "sample_rows": 1,
                                                      "precision": "bf16"})
-    assert main(["sft", str(recipe), "--output-dir", str(tmp_path / "run")]) == 0
+    api.train(recipe, tmp_path / "run")
     assert "step 2 sample_term_accuracy " in capsys.readouterr().out
     assert [entry["step"] for entry in history(tmp_path / "run") if samples.LOG_KEY in entry] == [2]
 

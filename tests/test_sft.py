@@ -14,6 +14,7 @@ import torch
 from conftest import tiny_recipe
 from safetensors.torch import load_file, save_file
 
+from toolkit import api
 from toolkit.cli import main
 from toolkit.config.recipe import load_recipe
 from toolkit.data.batching import length_grouped_order
@@ -87,8 +88,7 @@ def batches_read_by_the_trainer(monkeypatch) -> list:
 def test_grouped_rows_reach_the_trainer_in_the_grouped_order(tmp_path, tiny_data, monkeypatch):
     recipe = tiny_recipe(tmp_path, tiny_data, train={"group_by_length": True, "max_steps": 6})
     seen = batches_read_by_the_trainer(monkeypatch)
-    run_dir = tmp_path / "grouped"
-    assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 0
+    run_dir = api.train(recipe, tmp_path / "grouped").path
     examples = prepare(load_recipe(recipe)).train.examples
     order = length_grouped_order([len(e.input_ids) for e in examples], batch_size=4, epochs=3, seed=42)
     assert seen == [[examples[i].input_ids for i in order[j : j + 4]] for j in range(0, len(order), 4)]
@@ -119,8 +119,7 @@ def test_quantized_lora_trains_on_cpu(tmp_path, tiny_data, monkeypatch, mode, qu
 
     monkeypatch.setattr(trainer, "build_trainer", build_trainer)
     recipe = tiny_recipe(tmp_path, tiny_data, quantization={"mode": mode}, train={"max_steps": 4})
-    run_dir = tmp_path / mode
-    assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 0
+    run_dir = api.train(recipe, tmp_path / mode).path
     assert trained == [(quantized, "Linear")]  # lm_head stays unquantized by default
     tensors = lora_tensors(run_dir)
     assert any(t.abs().max() > 0 for name, t in tensors.items() if "lora_B" in name)
@@ -182,8 +181,7 @@ def six_steps(tmp_path_factory, tiny_data) -> dict:
     """One uninterrupted 6-step run, and a copy of the same recipe interrupted after checkpoint-4."""
     folder = tmp_path_factory.mktemp("resume")
     recipe = tiny_recipe(folder, tiny_data, train={"max_steps": 6, "save_steps": 2, "logging_steps": 1})
-    whole = folder / "whole"
-    assert main(["sft", str(recipe), "--output-dir", str(whole)]) == 0
+    whole = api.train(recipe, folder / "whole").path
     interrupted = folder / "interrupted"
     with pytest.MonkeyPatch.context() as patch:
         interrupt_after_checkpoint(4, patch)

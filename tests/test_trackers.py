@@ -8,6 +8,7 @@ from importlib.util import find_spec
 import pytest
 from conftest import tiny_recipe
 
+from toolkit import api
 from toolkit.cli import main
 from toolkit.config.precision import Accelerator
 from toolkit.config.recipe import TrainSection, recipe_from_dict
@@ -71,7 +72,6 @@ def test_comet_needs_its_own_package_name(monkeypatch):
 @pytest.mark.skipif(find_spec("tensorboard") is None, reason="tensorboard is not installed")
 def test_tensorboard_writes_event_files_into_the_run(tmp_path, tiny_data):
     recipe = tiny_recipe(tmp_path, tiny_data, train={"max_steps": 2, "report_to": "tensorboard"})
-    run_dir = tmp_path / "run"
-    assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 0
+    run_dir = api.train(recipe, tmp_path / "run").path
     assert list(run_dir.glob("runs/*/events.out.tfevents.*"))
     assert (run_dir / "metrics.json").is_file() and (run_dir / "loss.png").is_file()

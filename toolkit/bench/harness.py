@@ -1,6 +1,6 @@
 """Measuring training speed and memory: synthetic rows or image rows of known lengths through the toolkit's own
 trainer, each setup in its own process, timed per optimizer step after warm-up steps that cover the measured shapes.
-`toolkit bench` is this plus its arguments and printing."""
+`toolkit bench` is this (`plan_bench`, then `run_setup` for each setup) plus its arguments and printing."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from toolkit.config.precision import pad_multiple, resolve_precision
-from toolkit.config.recipe import apply_overrides, recipe_from_dict
+from toolkit.config.recipe import apply_overrides, read_yaml, recipe_from_dict
 from toolkit.data import vision
 from toolkit.data.batching import length_grouped_order
 from toolkit.errors import ToolkitError, first_line
@@ -597,3 +597,92 @@ def setup_recipe(base: dict, overrides: list[str], source: str):
     recipe_overrides, bench_opts = split_bench_overrides(overrides)
     data = apply_overrides(json.loads(json.dumps(base)), recipe_overrides)
     return recipe_from_dict(data, source), bench_opts
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One setup to measure: its label, the overrides it was given (its own, then the run's), its recipe, and its
+    `bench.*` options."""
+
+    label: str
+    overrides: list[str]
+    recipe: object
+    bench_opts: dict
+
+
+@dataclass(frozen=True)
+class Bench:
+    """A checked benchmark: every setup's recipe built before the first one runs, and how each is measured."""
+
+    setups: list[Setup]
+    lengths: str  # MIN:MAX as given
+    low: int
+    high: int
+    steps: int
+    warmup: int
+    profile: bool = False
+    losses: bool = False
+    isolation: str = "process"
+    setup_timeout: float | None = None
+    time_limit: float | None = None
+    started: float = 0.0  # time.monotonic() when the benchmark started: time_limit counts from here
+
+    def document(self, results: list[dict]) -> dict:
+        """bench.json's content for the results so far."""
+        return {"lengths": self.lengths, "steps": self.steps, "warmup": self.warmup, "results": results}
+
+
+def plan_bench(recipe_path: str, overrides=(), compare=(), *, no_recipe: bool = False, random_weights: bool = False,
+               steps: int = 30, warmup: int = 5, lengths: str = "70:370", profile: bool = False, losses: bool = False,
+               isolation: str = "process", setup_timeout: float | None = None,
+               time_limit: float | None = None) -> Bench:
+    """Every refusal `toolkit bench` makes, before any setup runs (a typo in the last setup must not cost the
+    others' time): the counts, the recipe file, each `--compare` setup and its recipe, the lengths, the limits and
+    what `--isolation none` cannot do. With `random_weights`, the full-size random checkpoint is built first."""
+    if steps < 1 or warmup < 0:
+        raise ToolkitError("--steps must be at least 1 and --warmup at least 0")
+    if isolation not in ("process", "none"):
+        raise ToolkitError(f"--isolation {isolation}: choose process or none")
+    base = read_yaml(Path(recipe_path))
+    if random_weights:
+        base.setdefault("model", {})["name"] = str(random_weights_checkpoint())
+    started = time.monotonic()
+    setups = [parse_setup(text) for text in compare] + ([] if no_recipe else [("recipe", [])])
+    if not setups:
+        raise ToolkitError("--no-recipe leaves nothing to measure; add --compare setups")
+    low, high = parse_lengths(lengths)
+    for name, limit in (("setup-timeout", setup_timeout), ("time-limit", time_limit)):
+        if limit is not None and limit <= 0:
+            raise ToolkitError(f"--{name} takes a positive number of seconds")
+    if setup_timeout is not None and isolation != "process":
+        raise ToolkitError("--setup-timeout needs --isolation process (a setup in this process cannot be stopped)")
+    planned = [Setup(label, own + list(overrides), *setup_recipe(base, own + list(overrides), recipe_path))
+               for label, own in setups]
+    if isolation != "process" and any("timeout" in setup.bench_opts for setup in planned):
+        raise ToolkitError("bench.timeout needs --isolation process (a setup in this process cannot be stopped)")
+    return Bench(planned, lengths, low, high, steps, warmup, profile, losses, isolation, setup_timeout, time_limit,
+                 started)
+
+
+def run_setup(bench: Bench, setup: Setup) -> dict:
+    """Measure one setup (in its own process unless `isolation` is none) and return its row of bench.json: an
+    `error` instead of numbers when it failed, ran past a limit, or was skipped because what `time_limit` leaves
+    since the benchmark started is less than MIN_SETUP_S."""
+    recipe, bench_opts = setup.recipe, setup.bench_opts
+    result = {"setup": setup.label, "overrides": setup.overrides, "batch": recipe.train.batch_size,
+              "grad_accum": recipe.train.grad_accum, "quantization": recipe.quantization.mode,
+              "checkpointing": recipe.train.gradient_checkpointing,
+              "checkpoint_layers": recipe.train.checkpoint_layers}
+    args = (recipe, bench_opts, bench.low, bench.high, bench.steps, bench.warmup, bench.profile, bench.losses)
+    left = None if bench.time_limit is None else bench.time_limit - (time.monotonic() - bench.started)
+    if left is not None and left < MIN_SETUP_S:
+        result["error"] = f"skipped: --time-limit {bench.time_limit:g} s reached"
+    elif bench.isolation == "process":
+        limits = {name: t for name, t in (("--setup-timeout", bench.setup_timeout),
+                                          ("bench.timeout", bench_opts.get("timeout")), ("--time-limit", left))
+                  if t is not None}
+        name = min(limits, key=limits.get) if limits else "--setup-timeout"
+        result.update(measure_isolated(*args, limit_s=limits.get(name), limit_name=name))
+    else:
+        result.update(measure_safely(*args))
+    return result

@@ -21,86 +21,10 @@ What keeps the numbers still (docs/benchmarks.md shows the effect):
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from toolkit.bench import harness
-from toolkit.config.recipe import read_yaml
-from toolkit.errors import ToolkitError
 from toolkit.ui.report import console, show, write_json
-
-# ---- arithmetic (pure, unit-tested on CPU) ----
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ---- measurement ----
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,58 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
-
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        raise ToolkitError("--steps must be at least 1 and --warmup at least 0")
-    base = read_yaml(Path(args.recipe))
-    if args.random_weights:
-        base.setdefault("model", {})["name"] = str(harness.random_weights_checkpoint())
-    started = time.monotonic()
-    setups = [harness.parse_setup(text) for text in args.compare] + ([] if args.no_recipe else [("recipe", [])])
-    if not setups:
-        raise ToolkitError("--no-recipe leaves nothing to measure; add --compare setups")
-    low, high = harness.parse_lengths(args.lengths)
-    for limit in ("setup_timeout", "time_limit"):
-        if getattr(args, limit) is not None and getattr(args, limit) <= 0:
-            raise ToolkitError(f"--{limit.replace('_', '-')} takes a positive number of seconds")
-    if args.setup_timeout is not None and args.isolation != "process":
-        raise ToolkitError("--setup-timeout needs --isolation process (a setup in this process cannot be stopped)")
-    # every setup is checked before the first one runs: a typo in the last must not cost the others' time
-    planned = [(label, overrides, *harness.setup_recipe(base, overrides + args.overrides, args.recipe))
-               for label, overrides in setups]
-    if args.isolation != "process" and any("timeout" in opts for _, _, _, opts in planned):
-        raise ToolkitError("bench.timeout needs --isolation process (a setup in this process cannot be stopped)")
-    if args.random_weights:
-        base.setdefault("model", {})["name"] = str(harness.random_weights_checkpoint())
-        planned = [(label, overrides, *harness.setup_recipe(base, overrides + args.overrides, args.recipe))
-                   for label, overrides, _, _ in planned]
+    bench = harness.plan_bench(args.recipe, args.overrides, args.compare, no_recipe=args.no_recipe,
+                               random_weights=args.random_weights, steps=args.steps, warmup=args.warmup,
+                               lengths=args.lengths, profile=args.profile, losses=args.losses,
+                               isolation=args.isolation, setup_timeout=args.setup_timeout, time_limit=args.time_limit)
     results = []
-    for label, overrides, recipe, bench_opts in planned:
-        console.print(f"[bold]{label}[/]: {' '.join(overrides + args.overrides) or 'as the recipe says'}")
-        result = {"setup": label, "overrides": overrides + args.overrides, "batch": recipe.train.batch_size,
-                  "grad_accum": recipe.train.grad_accum, "quantization": recipe.quantization.mode,
-                  "checkpointing": recipe.train.gradient_checkpointing,
-                  "checkpoint_layers": recipe.train.checkpoint_layers}
-        left = None if args.time_limit is None else args.time_limit - (time.monotonic() - started)
-        if left is not None and left < harness.MIN_SETUP_S:
-            result["error"] = f"skipped: --time-limit {args.time_limit:g} s reached"
-        elif args.isolation == "process":
-            limits = {name: t for name, t in (("--setup-timeout", args.setup_timeout),
-                                              ("bench.timeout", bench_opts.get("timeout")), ("--time-limit", left))
-                      if t is not None}
-            name = min(limits, key=limits.get) if limits else "--setup-timeout"
-            result.update(harness.measure_isolated(recipe, bench_opts, low, high, args.steps, args.warmup, args.profile,
-                                           args.losses, limit_s=limits.get(name), limit_name=name))
-        else:
-            result.update(harness.measure_safely(recipe, bench_opts, low, high, args.steps, args.warmup, args.profile,
-                                         args.losses))
-        results.append(result)
+    for setup in bench.setups:
+        console.print(f"[bold]{setup.label}[/]: {' '.join(setup.overrides) or 'as the recipe says'}")
+        results.append(harness.run_setup(bench, setup))
         show_results(results)
-        write_json(Path(args.json or "bench.json"), {"lengths": args.lengths, "steps": args.steps,
-                                                     "warmup": args.warmup, "results": results})
+        write_json(Path(args.json or "bench.json"), bench.document(results))
     for r in results:
         if r.get("profile"):
             show_profile(r["setup"], r["profile"])

@@ -62,26 +62,6 @@ def rendezvous_of(args) -> distributed.Rendezvous | None:
     return distributed.Rendezvous(args.nodes, args.node_rank, args.master_addr, args.master_port, args.join_timeout)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def worker_arguments(args, run_dir: Path) -> list[str]:
     return ["sft", args.recipe, *(f"--set={o}" for o in args.overrides), "--output-dir", str(run_dir),
             "--strategy", args.strategy, *(["--resume"] if args.resume else []),
@@ -121,10 +101,6 @@ def launch_node(args, run_dir: Path, rendezvous: distributed.Rendezvous) -> int:
     return 0
 
 
-
-
-
-
 def train_as_worker(args, prepared, run_dir: Path) -> int:
     """One of several training processes: under `--gpus` the launching process holds the run directory; under
     `--nodes` or a torchrun started by hand, the global rank 0 claims it for everyone."""
@@ -161,7 +137,7 @@ def main(argv: list[str]) -> int:
     prepared = prepare(recipe)  # recipe, data and targets fail here, before the run directory is touched
     activations.check_strategy(recipe.train, args.strategy)
     auto = {key: getattr(recipe.train, key) == "auto" for key in ("batch_size", "checkpoint_layers")}
-    prepared.recipe, plan = memory.memory_plan(prepared)  # the auto settings become numbers here
+    prepared, plan = memory.memory_plan(prepared)  # the auto settings become numbers here
     if plan:
         resolved = [f"train.{key}: auto -> {getattr(prepared.recipe.train, key)}" for key, on in auto.items() if on]
         console.print("; ".join(resolved + [f"memory: {memory.plan_note(plan, prepared.recipe)}"]), soft_wrap=True)

@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     prepared = prepare(recipe)
-    prepared.recipe, plan = memory.memory_plan(prepared)
+    prepared, plan = memory.memory_plan(prepared)
     show_plan(prepared)
     if plan:
         console.print(f"memory: {memory.plan_note(plan, prepared.recipe)}", soft_wrap=True)

@@ -1,6 +1,6 @@
 """Merging a run's adapter into its base model, verified: the merged model is saved into a staging folder, loaded
 back the plain way (no PEFT) and must reproduce base + adapter's logits within a tolerance before it replaces the
-output folder. `toolkit merge` is this plus its arguments and printing."""
+output folder. `toolkit merge` is this (`start`, then `merge_run`) plus its arguments and printing."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -20,10 +21,11 @@ from toolkit.config.precision import DTYPE_NAMES, resolve_precision
 from toolkit.data import encode, formatters, reading
 from toolkit.errors import ToolkitError
 from toolkit.evaluation import generation
+from toolkit.export import serving
 from toolkit.io import files
 from toolkit.model import loading, lora, vision_tower
 from toolkit.runs import rundir
-from toolkit.ui.report import console
+from toolkit.ui.report import console, write_json
 
 # Default tolerance on max |Δlogit|, as a share of the largest |logit|: rounding error grows with magnitude. Measured
 # merged vs unmerged on CPU, as a share of the largest |logit| (fp32 / fp16 / bf16): tiny Mllama 5e-7 / 8e-4 / 6e-3;
@@ -42,6 +44,40 @@ REPORT_FILE = "merge_report.json"
 
 
 KIND = "merged"
+
+
+class CheckFailed(ToolkitError):
+    """The merged model does not reproduce base + adapter, or is not a plain model: nothing was written to the
+    output. The message is the one line `toolkit merge` prints (it exits 1); `report` holds the numbers measured
+    and `traces` what would make loading it reach for PEFT or a quantizer."""
+
+    def __init__(self, message: str, report: dict, traces: list[str]):
+        super().__init__(message)
+        self.report, self.traces = report, traces
+
+
+def shard_size_problem(text: str) -> str | None:
+    """What is wrong with a --max-shard-size value (None when it is a size such as 500MB), checked before merging
+    rather than when the shards are written."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB|TB)\s*", text, flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        return f"give a size such as 500MB or 5GB, got {text!r}"
+    return None
+
+
+def start(run_dir: Path, out: Path, dtype: str | None = None, overwrite: bool = False, tolerance: float | None = None,
+          max_shard_size: str = "5GB"):
+    """Every refusal that needs no model, before any loads: (the run's recipe, the dtype to merge in)."""
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise ToolkitError(f"--dtype {dtype}: choose one of {', '.join(sorted(DTYPE_NAMES))}")
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
+        raise ToolkitError(f"--tolerance: must be a positive number, got {tolerance}")
+    problem = shard_size_problem(max_shard_size)
+    if problem:
+        raise ToolkitError(f"--max-shard-size: {problem}")
+    recipe = rundir.open_run(run_dir)
+    check_output(out, run_dir, overwrite)
+    return recipe, dtype or default_dtype(recipe, loading.detect_accelerator())
 
 
 def check_output(out: Path, run_dir: Path, overwrite: bool) -> None:
@@ -254,6 +290,46 @@ def put_in_place(staging: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old)
 
 
+def merge_run(run_dir: Path, out: Path, recipe, dtype: str, tolerance: float | None = None,
+              max_shard_size: str = "5GB", overwrite: bool = False) -> dict:
+    """Merge into a staging folder beside `out`, reload it the plain way and compare its logits with base +
+    adapter's; only a model within `tolerance` (default: `RELATIVE_TOLERANCE` of the largest |logit|) is given its
+    report, serving notes and marker and put in place of `out`. Returns the report (merge_report.json's content).
+    Raises `CheckFailed` (nothing written to `out`) when the check fails; the staging folder never stays."""
+    staging = staging_dir(out)
+    try:
+        result = merge(run_dir, recipe, staging, dtype, max_shard_size)
+        if tolerance is None:
+            tolerance = RELATIVE_TOLERANCE[dtype] * max(1.0, result["max_abs_logit"])
+        traces = adapter_traces(staging)
+        report = {"run": str(run_dir), "dtype": dtype, "quantization_of_training_base": recipe.quantization.mode,
+                  **result, "tolerance": tolerance, "passed": passes(result, tolerance, traces)}
+        problem = failure(out, report, traces)
+        if problem:
+            raise CheckFailed(problem, report, traces)
+        write_json(staging / REPORT_FILE, report)
+        # SERVING.md and a Modelfile, swapped in with the model
+        serving.write_serving_files(staging, out.name, dtype, str(run_dir), recipe.data.vision_tiles)
+        files.write_marker(staging, KIND, complete=True)
+        with finishing():
+            put_in_place(staging, out, overwrite)
+        return report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when it was put in place
+
+
+def failure(out: Path, report: dict, traces: list[str]) -> str | None:
+    """Why the merged model must not be used (one line), or None when it reproduces base + adapter."""
+    if traces:
+        return (f"the merged model is not a plain model (loading it would need PEFT or a quantizer): "
+                f"{', '.join(traces)}; nothing was written to {out}")
+    if not report["passed"]:
+        hint = "" if report["dtype"] == "fp32" else " (--dtype fp32 rounds less; --tolerance if this is expected)"
+        return (f"the merged model differs from base + adapter by {report['max_abs_delta']:.3g}, not within "
+                f"tolerance {report['tolerance']:.3g}; do not use it. Nothing was written to {out}{hint}")
+    return None
+
+
 def passes(result: dict, tolerance: float, traces: list[str]) -> bool:
     """Fail closed: NaN compares false with everything, so the check asks for finite numbers within tolerance."""
     delta = result["max_abs_delta"]
@@ -262,8 +338,8 @@ def passes(result: dict, tolerance: float, traces: list[str]) -> bool:
 
 @contextmanager
 def finishing():
-    """Ctrl-C is ignored from the moment the verified model starts moving into place until the command returns:
-    the merge then finishes and exits 0, instead of stopping with the output already complete (or half swapped)."""
+    """Ctrl-C is ignored from the moment the verified model starts moving into place until it is in place: the
+    merge then finishes and exits 0, instead of stopping with the output already complete (or half swapped)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -232,7 +232,7 @@ def passes_per_epoch(train) -> int:
     return train.epochs if train.group_by_length else 1
 
 
-def run_summary(trainer, prepared, result, seconds: float) -> dict:
+def run_summary(trainer, prepared, result, seconds: float, lora_modules) -> dict:
     history = trainer.state.log_history
     losses = loss_points(history)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -253,7 +253,7 @@ def run_summary(trainer, prepared, result, seconds: float) -> dict:
         "train_loss": result.training_loss,
         "seconds": round(seconds, 2),
         "trainable_params": trainable,
-        "lora_modules": len(prepared.lora_modules),
+        "lora_modules": len(lora_modules),
     }
     evals = loss_points(history, "eval_loss")
     if evals:
@@ -293,14 +293,15 @@ def run_card(prepared, summary: dict, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def save_run(trainer, prepared, run_dir: Path, result, seconds: float) -> dict:
+def save_run(trainer, prepared, run_dir: Path, result, seconds: float, lora_modules) -> dict:
     """Write the run's files; every process must call it (sharded models gather on save), only the main writes.
+    `lora_modules`: the names PEFT wrapped on the trained model (`toolkit.training.trainer.build_trainer`).
 
     The run stays marked incomplete until `finish_run`, so a crash in here leaves a run that readers refuse and
     `--resume` completes from its last checkpoint.
     """
     recipe = prepared.recipe
-    summary = run_summary(trainer, prepared, result, seconds)
+    summary = run_summary(trainer, prepared, result, seconds, lora_modules)
     trainer.save_model(str(run_dir))
     if not trainer.is_world_process_zero():
         return summary

@@ -67,6 +67,9 @@ def check_shared_steps(prepared, processes: int, strategy: str) -> None:
 
 
 def train(prepared, run_dir: Path, resume_from: Path | None, strategy: str = "ddp"):
+    """Build the trainer for the plan and train; returns (trainer, its result, seconds, the module names PEFT
+    wrapped on the loaded model), the last for the run's record: the plan's own list was checked on a weightless
+    model, and the plan is not changed."""
     recipe = prepared.recipe
     batches = shared_batches(prepared, distributed.world_size())
     train_set = prepared.train.dataset(None if batches else training_order(prepared))
@@ -78,7 +81,7 @@ def train(prepared, run_dir: Path, resume_from: Path | None, strategy: str = "dd
         settings["image_loader_workers"] = vision.loader_workers(recipe, collator.images)
     if batches:
         settings["num_train_epochs"] = 1  # the batches hold every pass
-    built, prepared.lora_modules = trainer.build_trainer(
+    built, modules = trainer.build_trainer(
         recipe, precision=prepared.precision, device=prepared.device, tokenizer=prepared.tokenizer,
         train_dataset=train_set, eval_dataset=eval_set, output_dir=str(run_dir), strategy=strategy,
         callbacks=[trainer.RichProgressCallback(), guard], data_collator=collator, **settings,
@@ -92,7 +95,7 @@ def train(prepared, run_dir: Path, resume_from: Path | None, strategy: str = "dd
         raise ToolkitError(f"training diverged: {guard.problem}; no finished run was written (checkpoints before "
                            f"that step are kept in {run_dir}). Lower train.learning_rate (now "
                            f"{recipe.train.learning_rate:g}) or check lora.alpha and the data")
-    return built, result, time.time() - started
+    return built, result, time.time() - started, modules
 
 
 def trained_by(part: str, encoding) -> str:
@@ -132,8 +135,8 @@ def report_changes(changes: dict) -> None:
 
 
 def train_and_save(prepared, run_dir: Path, resume_from: Path | None, strategy: str) -> None:
-    built, result, seconds = train(prepared, run_dir, resume_from, strategy)
-    summary = rundir.save_run(built, prepared, run_dir, result, seconds)
+    built, result, seconds, modules = train(prepared, run_dir, resume_from, strategy)
+    summary = rundir.save_run(built, prepared, run_dir, result, seconds, modules)
     show("Training done", ["metric", "value"],
          [[k, v] for k, v in summary.items() if not isinstance(v, (dict, list))])
     console.print(f"Adapter and run files in [bold]{escape(str(run_dir))}[/]. "

@@ -351,12 +351,12 @@ def image_load(prepared) -> tuple[int, int]:
 
 
 def memory_plan(prepared):
-    """(recipe with any auto settings resolved, its memory plan): what `toolkit sft` trains and what `toolkit
-    validate` reports."""
+    """(the plan with its recipe's auto settings resolved, a new plan; the memory plan): what `toolkit sft` trains
+    and what `toolkit validate` reports. The plan given is left as it is."""
     recipe, plan = plan_for(prepared)
     if plan is None and prepared.lengths:
         plan = estimate(recipe, prepared.model_config, prepared.lengths, prepared.precision, *image_load(prepared))
-    return recipe, plan
+    return replace(prepared, recipe=recipe), plan
 
 
 def plan_note(plan: Plan, recipe) -> str:

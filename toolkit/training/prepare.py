@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from rich.markup import escape
 
@@ -23,8 +24,12 @@ from toolkit.training import trackers
 from toolkit.ui.report import console, show
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prepared:
+    """The checked plan a recipe becomes: what `validate` reports and `sft` trains. `prepare` builds it complete;
+    it is never changed in place (fields cannot be assigned), so a plan handed to `toolkit.api.train` or kept by a
+    notebook still says what it said. A changed plan is a new one: `dataclasses.replace(plan, recipe=...)`."""
+
     recipe: object
     device: Accelerator
     precision: str
@@ -33,9 +38,9 @@ class Prepared:
     train: encode.Encoding  # or a datastore.StoredEncoding: the same fields, read from the memory-mapped cache
     eval: encode.Encoding
     data_note: str = ""  # whether the encoded data came from the cache
-    lora_modules: list[str] = field(default_factory=list)
+    lora_modules: tuple[str, ...] = ()  # what the recipe's LoRA wraps, checked on a weightless model
     image_spec: vision.ImageSpec | None = None
-    image_tiles: dict[str, int] = field(default_factory=dict)  # tiles of content per image path
+    image_tiles: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))  # content tiles per image
     replay: replay.Replay | None = None  # general rows mixed into train (data.replay)
 
     @property
@@ -91,12 +96,14 @@ def prepare(recipe, device: Accelerator | None = None) -> Prepared:
         from toolkit.training import samples
 
         samples.check_recipe(recipe, evals.rows)
-    prepared = Prepared(recipe, device, precision, tokenizer, model_config, train, evals, store.note, replay=mixed)
     if train.image_rows or evals.image_rows:
         check_text_only_settings(recipe, train.image_rows + evals.image_rows)
-        measure_images(prepared)
-    prepared.lora_modules = lora_targets(recipe, model_config)
-    return prepared
+        spec, tiles = measure_images(recipe, tokenizer, model_config, train, evals)
+    else:
+        spec, tiles = None, {}
+    return Prepared(recipe, device, precision, tokenizer, model_config, train, evals, store.note,
+                    lora_modules=tuple(lora_targets(recipe, model_config)), image_spec=spec,
+                    image_tiles=MappingProxyType(tiles), replay=mixed)
 
 
 TARGETS_VERSION = 1  # raise when what lora_targets computes changes in a way its key does not show
@@ -175,20 +182,20 @@ def check_text_only_settings(recipe, image_rows: int) -> None:
                            "images: use sdpa")
 
 
-def measure_images(prepared: Prepared) -> None:
-    """Check the model can read images, and how many tiles each image fills under the recipe's cap."""
-    recipe = prepared.recipe
-    if not loading.is_vision_config(prepared.model_config):
-        raise ToolkitError(f"{prepared.train.image_rows + prepared.eval.image_rows} rows have images, but "
+def measure_images(recipe, tokenizer, model_config, train, evals) -> tuple[vision.ImageSpec, dict[str, int]]:
+    """Check the model can read images; (the image spec under the recipe's tile cap, how many tiles each image
+    fills)."""
+    if not loading.is_vision_config(model_config):
+        raise ToolkitError(f"{train.image_rows + evals.image_rows} rows have images, but "
                            f"{recipe.model.name} is not a vision model; use Llama 3.2 Vision or drop the images")
     processor = loading.load_processor(recipe.model.name, recipe.model.revision)
     if processor is None:
         raise ToolkitError(f"{recipe.model.name} has no image processor (processor_config.json); the checkpoint "
                            "folder is incomplete")
-    check_image_token(prepared.tokenizer, prepared.model_config, recipe.model.name)
-    prepared.image_spec = vision.image_spec(processor, prepared.model_config, recipe.data.max_image_tiles)
-    paths = set(datastore.unique_images({"train": prepared.train.table, "eval": prepared.eval.table}))
-    prepared.image_tiles = {p: vision.tiles_for(vision.image_size(p), prepared.image_spec) for p in sorted(paths)}
+    check_image_token(tokenizer, model_config, recipe.model.name)
+    spec = vision.image_spec(processor, model_config, recipe.data.max_image_tiles)
+    paths = set(datastore.unique_images({"train": train.table, "eval": evals.table}))
+    return spec, {p: vision.tiles_for(vision.image_size(p), spec) for p in sorted(paths)}
 
 
 def check_image_token(tokenizer, model_config, name: str) -> None:
