@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -560,11 +561,12 @@ def apply(tree: Path, item: Break) -> None:
     path.write_text(text.replace(item.old, item.new), encoding="utf-8")
 
 
-def failing_tests(tree: Path, tests: list[str]) -> tuple[set[str], str]:
-    """The tests that fail or error in `tree` (its own toolkit package on the path), and pytest's last line."""
+def failing_tests(tree: Path, tests: list[str], first: bool = False) -> tuple[set[str], str]:
+    """The tests that fail or error in `tree` (its own toolkit package on the path), and pytest's last line;
+    `first`: stop at the first one."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *tests],
-                            cwd=tree, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
+                             *(["-x"] if first else []), *tests], cwd=tree, env=env, capture_output=True, text=True)
     failed = set(re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", result.stdout, flags=re.MULTILINE))
     summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
     return failed, summary
@@ -575,6 +577,9 @@ def main() -> int:
     parser.add_argument("names", nargs="*", help="breaks to run (default: all)")
     parser.add_argument("--full", action="store_true", help="run the whole suite for each break")
     parser.add_argument("--list", action="store_true", help="list the breaks and exit")
+    parser.add_argument("--first", action="store_true", help="stop each break's tests at the first failure (faster; "
+                        "used only when nothing fails without a break)")
+    parser.add_argument("--jobs", type=int, default=1, help="breaks run at once (each in its own copy)")
     args = parser.parse_args()
     chosen = [b for b in BREAKS if not args.names or b.name in args.names]
     if args.list or not chosen:
@@ -586,17 +591,22 @@ def main() -> int:
         files_run = sorted({t for b in chosen for t in b.tests}) if not args.full else []
         already, summary = failing_tests(make_copy(scratch, "unbroken"), files_run)
         print(f"without a break: {summary}" + (f"; failing already: {', '.join(sorted(already))}" if already else ""))
-        missed = []
-        for item in chosen:
+        first = args.first and not already
+
+        def run(item):
             tree = make_copy(scratch, item.name)
             apply(tree, item)
-            failed, summary = failing_tests(tree, [] if args.full else list(item.tests))
-            caught = sorted(failed - already)
-            print(f"\n{item.name}: {item.what}\n  {summary}")
-            print("\n".join(f"  caught by {test}" for test in caught) or "  NOT CAUGHT")
-            if not caught:
-                missed.append(item.name)
+            failed, summary = failing_tests(tree, [] if args.full else list(item.tests), first)
             shutil.rmtree(tree)
+            return item, sorted(failed - already), summary
+
+        missed = []
+        with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+            for item, caught, summary in pool.map(run, chosen):
+                print(f"\n{item.name}: {item.what}\n  {summary}", flush=True)
+                print("\n".join(f"  caught by {test}" for test in caught) or "  NOT CAUGHT", flush=True)
+                if not caught:
+                    missed.append(item.name)
     if missed:
         print(f"\nnot caught: {', '.join(missed)}")
     return 1 if missed else 0
