@@ -3,8 +3,11 @@ row; each row attends to itself only, so every row's loss is the one it has in a
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+
 from toolkit.bench.harness import synthetic_rows
 from toolkit.config.precision import Accelerator
 from toolkit.config.recipe import recipe_from_dict
@@ -45,7 +48,7 @@ def row_losses(model, batch) -> list[float]:
         return [(nll[i][learned[i]].sum() / learned[i].sum()).item() for i in range(labels.shape[0])]
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [labels.shape[1]]
     return [(nll[0, a:b - 1][learned[0, a:b - 1]].sum() / learned[0, a:b - 1].sum()).item()
-            for a, b in zip(starts, starts[1:])]
+            for a, b in itertools.pairwise(starts)]
 
 
 def test_a_padding_free_batch_is_one_sequence_with_positions_restarting_at_each_row(tmp_path):

@@ -246,7 +246,7 @@ class TrainSection(Section):
         return self
 
     @model_validator(mode="after")
-    def _compile_without_liger(self) -> "TrainSection":
+    def _compile_without_liger(self) -> TrainSection:
         # Measured on an H100 (torch 2.11, liger-kernel 0.8.5): Dynamo fails inside the layers Liger patched (its
         # RMSNorm Triton kernel cannot be traced), after the whole model has loaded.
         if self.compile and self.liger_kernel:
