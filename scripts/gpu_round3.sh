@@ -119,8 +119,17 @@ for r in results:
     if "error" not in r:
         entry.update({k: r.get(k) for k in ("quantization", "batch", "checkpointing", "checkpointed_layers", "text_layers",
                                             "real_tok_s", "median_step_s", "peak_gib", "predicted_peak_gib",
-                                            "host_peak_gib", "predicted_host_gib", "prefetched_share")})
+                                            "host_pinned_gib", "predicted_host_gib", "host_buffer_allocations",
+                                            "prefetched_share")})
         entry["warmup_s"] = sum(r.get("warmup_step_s") or [])
+        # the slowest measured step and what happened in it: its padded length, new pinned host blocks, new device
+        # segments, allocation retries, garbage-collection seconds (counters cover warm-up steps first)
+        w = r.get("warmup_steps", 0)
+        slow = max(range(len(r["step_s"])), key=lambda i: r["step_s"][i])
+        entry["slowest"] = {"step": slow, "s": r["step_s"][slow], "median_s": r["median_step_s"],
+                            "length": (r.get("step_lengths") or [None] * (slow + 1))[slow],
+                            **{k: r[k][w + slow] for k in ("step_host_allocs", "step_new_segments",
+                                                           "step_alloc_retries", "step_gc_s") if k in r}}
     if key in PAIRS and PAIRS[key] in by and "error" not in r and "error" not in by[PAIRS[key]]:
         gap, n = loss_gap(r, by[PAIRS[key]])
         entry.update({"losses_vs": PAIRS[key], "loss_gap": gap, "losses_compared": n,
@@ -132,7 +141,7 @@ def f(v, fmt):
     return "-" if v is None else format(v, fmt)
 
 print()
-print(f"{'setup':34} {'q':5} {'b':>3} {'ckpt':>10} {'tok/s':>7} {'peak':>5} {'est':>5} {'host':>5} {'warm s':>6} "
+print(f"{'setup':34} {'q':5} {'b':>3} {'ckpt':>10} {'tok/s':>7} {'peak':>5} {'est':>5} {'pinned':>6} {'warm s':>6} "
       f"{'vs':>16} {'speed':>5} {'loss gap (n)':>13}")
 for e in summary:
     if e["error"]:
@@ -144,7 +153,21 @@ for e in summary:
         ck += f" {e['checkpointed_layers']}"
     gap = f"{e['loss_gap']:.3%} ({e['losses_compared']})" if e.get("loss_gap") is not None else "-"
     print(f"{e['setup'][:34]:34} {e['quantization']:5} {e['batch']:>3} {ck:>10} {e['real_tok_s']:>7,.0f} "
-          f"{f(e['peak_gib'], '.1f'):>5} {f(e['predicted_peak_gib'], '.1f'):>5} {f(e.get('host_peak_gib'), '.1f'):>5} "
+          f"{f(e['peak_gib'], '.1f'):>5} {f(e['predicted_peak_gib'], '.1f'):>5} {f(e.get('host_pinned_gib'), '.1f'):>6} "
           f"{e['warmup_s']:>6.1f} {e.get('losses_vs', '-')[:16]:>16} {f(e.get('speed_vs'), '.2f'):>5} {gap:>13}")
+EOF
+python3 - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+
+print()
+print("slowest measured step per setup: s (median s), padded length, new pinned blocks, new GPU segments, "
+      "allocation retries, GC s")
+for e in json.loads((Path(sys.argv[1]) / "summary.json").read_text()):
+    s = e.get("slowest")
+    if s:
+        print(f"{e['setup'][:34]:34} step {s['step']:>2}: {s['s']:.2f} ({s['median_s']:.2f}) len {s['length']} "
+              f"pinned {s.get('step_host_allocs', '-')} segments {s.get('step_new_segments', '-')} "
+              f"retries {s.get('step_alloc_retries', '-')} gc {s.get('step_gc_s', 0):.2f}")
 EOF
 exit "$code"

@@ -83,6 +83,47 @@ def test_offloaded_tensors_are_separate_copies_and_small_ones_stay():
     assert hooks.pack(small) is small and hooks.unpack(small) is small
 
 
+def test_host_buffers_are_reused_whatever_the_size_and_replace_the_largest_too_small():
+    pool = activations.PinnedBuffers(pin=False)
+    a, b = pool.take(3000), pool.take(5000)
+    assert (a.numel(), b.numel(), pool.allocations, pool.held_bytes) == (4096, 8192, 2, 12288)
+    pool.give_back(a)
+    pool.give_back(b)
+    assert pool.take(1000) is a  # the smallest that fits
+    assert pool.take(1000).numel() == 8192 and pool.allocations == 2  # a larger one rather than a new one
+    pool.give_back(a)
+    c = pool.take(20000)  # nothing fits: a new 32 KiB buffer takes the place of the 4 KiB one
+    assert c.numel() == 32768 and pool.allocations == 3 and pool.free == []
+    assert pool.held_bytes == 8192 + 32768 and pool.peak_held_bytes == 8192 + 32768
+
+
+def test_offload_reuses_its_host_buffers_from_step_to_step_and_live_tensors_never_share_one():
+    hooks = activations.HostOffload(min_bytes=64)
+    first = [hooks.pack(torch.randn(16, 8)) for _ in range(3)]
+    pointers = {saved.host.data_ptr() for saved in first}
+    assert len(pointers) == 3  # held at once: three buffers
+    values = [hooks.unpack(saved) for saved in first]
+    assert values[0].data_ptr() not in pointers  # unpack hands out a copy, not the buffer
+    del first
+    second = [hooks.pack(torch.randn(8, 8)) for _ in range(3)]  # a shorter step: the same buffers, none new
+    assert {saved.host.data_ptr() for saved in second} == pointers
+    assert hooks.buffer_stats() == {"pinned_bytes": 3 * 512, "peak_pinned_bytes": 3 * 512, "allocations": 3}
+    assert torch.equal(values[0], values[0].clone())  # the earlier copies were not overwritten
+
+
+def test_a_training_step_after_the_first_allocates_no_host_buffer():
+    model = tiny_peft_model()
+    model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    hooks = activations.apply(model, True, None)["hooks"]
+    with fastlora.fused_layers(model, lora=True, int8_dequantize=False):
+        for ids in (IDS, IDS[:, :16], IDS[:1]):  # the longest first, as length grouping orders them
+            model(input_ids=ids, labels=ids).loss.backward()
+    hidden = model.get_base_model().config.get_text_config().hidden_size
+    block = memory.pinned_block_bytes(IDS.numel() * hidden * 4)
+    assert hooks.stats["tensors"] == 9
+    assert hooks.buffer_stats() == {"pinned_bytes": 3 * block, "peak_pinned_bytes": 3 * block, "allocations": 3}
+
+
 def test_layers_are_spread_evenly_and_chosen_on_the_model():
     assert activations.spread(16, 32) == [False, True] * 16
     assert activations.spread(0, 4) == [False] * 4 and activations.spread(4, 4) == [True] * 4
@@ -130,8 +171,11 @@ def test_offload_keeps_two_layer_inputs_on_the_gpu_and_the_rest_in_host_memory(f
     offload = memory.Setup(liger=True, checkpointing=True, offload=True)
     saved = memory.activation_bytes_per_token(text, plain) - memory.activation_bytes_per_token(text, offload)
     assert saved == (layers - memory.OFFLOAD_IN_FLIGHT) * 2 * h
-    assert memory.host_bytes_per_token(text, offload) == layers * 2 * h
-    assert memory.host_bytes_per_token(text, plain) == 0
+    # 64 rows of 376 tokens: 188 MiB per layer input, each in a 256 MiB pinned block
+    assert memory.host_bytes(text, offload, 64, 376) == layers * 256 * 2**20
+    assert memory.host_bytes(text, offload, 64, 256) == layers * 128 * 2**20  # exactly 128 MiB
+    assert memory.host_bytes(text, plain, 64, 376) == 0
+    assert [memory.pinned_block_bytes(n) for n in (1, 2, 3, 4096, 4097)] == [1, 2, 4, 4096, 8192]
 
 
 def test_unchecked_layers_keep_their_activations(full_size):
@@ -194,7 +238,12 @@ def test_offload_trains_quantized_models_like_plain_checkpointing(tmp_path, tiny
     assert offload["fused_layers"]["lora"] == 16 and len(plain["micro_losses"]) == 2
     assert offload["micro_losses"] == plain["micro_losses"] == half["micro_losses"]
     assert offload["offloaded_tensors_per_step"] == 3 and half["offloaded_tensors_per_step"] == 1
-    assert offload["host_peak_gib"] == pytest.approx(offload["predicted_host_gib"])
+    assert offload["host_pinned_gib"] == pytest.approx(offload["predicted_host_gib"])
+    assert offload["host_buffer_allocations"] == 3  # one per layer, in the first step
+    # what explains a slow step: each measured step's padded length, and per step (warm-up too) the seconds
+    # Python's garbage collector paused (the GPU counters exist only on a GPU)
+    assert offload["step_lengths"] == [offload["longest_padded"]]
+    assert len(offload["step_gc_s"]) == 2 and all(s >= 0 for s in offload["step_gc_s"])
     assert half["checkpointed_layers"] == 1 and "offloaded_gib_per_step" not in plain
 
 

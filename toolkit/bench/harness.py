@@ -177,11 +177,49 @@ def bench_order(lengths: list[int], batch_size: int, grouped: bool, seed: int) -
 
 class StepClock(TrainerCallback):
     """The time of every optimizer step, from CUDA events recorded at each step's end (read once training is
-    over, so measuring adds no synchronization), or from the host clock on CPU; and the weights' memory."""
+    over, so measuring adds no synchronization), or from the host clock on CPU; and the weights' memory.
+
+    It also counts, per step, what can stall the host while the GPU waits, so that a slow step can be explained:
+    Python's garbage collection (seconds paused), and on a GPU the allocators' trips to the driver (new device
+    segments, allocation retries after a failed cudaMalloc, new pinned host blocks)."""
+
+    COUNTERS = {"step_new_segments": "segment.all.allocated", "step_alloc_retries": "num_alloc_retries"}
 
     def __init__(self):
         self.marks: list = []
         self.weights_gib = None
+        self.gc_s = 0.0
+        self._gc_started = None
+        self.counts: list[dict] = []
+
+    def _gc(self, phase, info):
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:
+            self.gc_s += time.perf_counter() - self._gc_started
+            self._gc_started = None
+
+    def _count(self) -> dict:
+        import torch
+
+        counts = {"step_gc_s": self.gc_s}
+        if torch.cuda.is_available():
+            device = torch.cuda.memory_stats()
+            counts.update({key: device.get(name, 0) for key, name in self.COUNTERS.items()})
+            counts["step_host_allocs"] = torch.cuda.host_memory_stats().get("num_host_alloc", 0)
+        return counts
+
+    @property
+    def diagnostics(self) -> dict:
+        """Per step (warm-up included): the increase of each counter over the step."""
+        if len(self.counts) < 2:
+            return {}
+        return {key: [after[key] - before[key] for before, after in zip(self.counts, self.counts[1:])]
+                for key in self.counts[0]}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._gc in gc.callbacks:
+            gc.callbacks.remove(self._gc)
 
     def _mark(self):
         import torch
@@ -197,10 +235,14 @@ class StepClock(TrainerCallback):
 
         if torch.cuda.is_available():
             self.weights_gib = torch.cuda.memory_allocated() / 2**30
+        if self._gc not in gc.callbacks:
+            gc.callbacks.append(self._gc)
         self.marks = [self._mark()]
+        self.counts = [self._count()]
 
     def on_step_end(self, args, state, control, **kwargs):
         self.marks.append(self._mark())
+        self.counts.append(self._count())
 
     @property
     def times(self) -> list[float]:
@@ -393,8 +435,7 @@ def predicted_peak_gib(recipe, config, precision: str, longest: int, image_tiles
 
 def predicted_host_gib(recipe, config, precision: str, longest: int) -> float:
     setup = memory.Setup.from_recipe(recipe, precision)
-    per_token = memory.host_bytes_per_token(config.get_text_config(), setup)
-    return recipe.train.batch_size * longest * per_token / memory.GIB
+    return memory.host_bytes(config.get_text_config(), setup, recipe.train.batch_size, longest) / memory.GIB
 
 
 @dataclass
@@ -500,6 +541,8 @@ def measure(recipe, bench_opts: dict, low: int, high: int, steps: int, warmup: i
         "warmup_lengths": [plan.padded(plan.batches[b]) for b in plan.replay],
         "step_s": times[warmup:], "step_real_tokens": [real for real, _ in tokens[warmup:]],
         "warmup_step_s": times[:warmup],
+        "step_lengths": [plan.padded(batch) for batch in plan.batches][: steps * train.grad_accum],
+        **{key: values[: warmup + steps] for key, values in clock.diagnostics.items()},
         "micro_losses": [float(v) for v in torch.stack(built.loss_record).tolist()] if built.loss_record else [],
         **checkpointing_fields(built, warmup + steps + profile_steps),
         **memory_fields(device, clock, recipe, config, precision, plan, bench_opts.get("image_tiles") or 0),
@@ -528,7 +571,9 @@ def checkpointing_fields(built, steps: int) -> dict:
         fields.update({"offloaded_tensors_per_step": hooks.stats["tensors"] / steps,
                        "offloaded_gib_per_step": hooks.stats["bytes"] / steps / memory.GIB,
                        "prefetched_share": hooks.stats["prefetched"] / max(hooks.stats["fetched"], 1),
-                       "host_peak_gib": hooks.stats["peak_host_bytes"] / memory.GIB})
+                       "host_peak_gib": hooks.stats["peak_host_bytes"] / memory.GIB,
+                       "host_pinned_gib": hooks.buffer_stats()["peak_pinned_bytes"] / memory.GIB,
+                       "host_buffer_allocations": hooks.buffer_stats()["allocations"]})
     return fields
 
 

@@ -28,8 +28,58 @@ import torch
 from transformers import TrainerCallback
 
 from toolkit.errors import ToolkitError
+from toolkit.training import memory
 
 MIN_OFFLOAD_BYTES = 4096  # a smaller saved tensor (a mask, position ids) is not worth a copy
+
+
+class PinnedBuffers:
+    """Host buffers for offloaded tensors, reused across steps whatever a tensor's size.
+
+    PyTorch's pinned-memory cache gives a freed block back only to a request of the same power-of-two size class,
+    and each new block is a `cudaHostAlloc`: on an H100 host 32 blocks of 128 MiB took 2.55 s, 32 of 256 MiB 5.09 s
+    (docs/benchmarks.md). Layer inputs change size with every length-grouped batch, so a step whose inputs fell in a
+    class not seen before stalled for seconds, and every class stayed cached: host memory grew to the sum of all
+    classes seen. Here the smallest free buffer large enough is reused, whatever its class. A new buffer is the
+    whole block PyTorch reserves anyway (`memory.pinned_block_bytes`), and it takes the place of the largest free
+    buffer too small for the request, so the buffers held are what one step at the longest batch so far needs.
+
+    Every buffer is written and read only by copies on one side stream (`HostOffload`), so a buffer given back
+    while its last copy is still queued is safe to hand out again: the next copy into it queues behind that one.
+    """
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self.free: list[torch.Tensor] = []  # uint8 buffers not in use
+        self.held_bytes = 0  # capacity of every buffer, in use or free
+        self.peak_held_bytes = 0
+        self.allocations = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        fitting = [buffer for buffer in self.free if buffer.numel() >= nbytes]
+        if fitting:
+            buffer = min(fitting, key=torch.Tensor.numel)
+            self.free.remove(buffer)
+            return buffer
+        if self.free:  # all too small: the largest one makes room for the new buffer
+            replaced = max(self.free, key=torch.Tensor.numel)
+            self.free.remove(replaced)
+            self.held_bytes -= replaced.numel()
+        capacity = memory.pinned_block_bytes(nbytes)
+        buffer = torch.empty(capacity, dtype=torch.uint8, pin_memory=self.pin)
+        self.allocations += 1
+        self.held_bytes += capacity
+        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
+        return buffer
+
+    def give_back(self, buffer: torch.Tensor) -> None:
+        self.free.append(buffer)
+
+
+def host_view(buffer: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The start of a uint8 `buffer` as a contiguous tensor of `like`'s shape and dtype."""
+    nbytes = like.numel() * like.element_size()
+    return buffer[:nbytes].view(like.dtype).view(like.shape)
 
 
 @dataclass
@@ -46,14 +96,15 @@ class Saved:
 class HostOffload(torch.autograd.graph.saved_tensors_hooks):
     """Saved-tensor hooks that move what is saved to host memory and bring it back on use.
 
-    On a GPU: pack waits (on a side stream) for the tensor to be produced, copies it into pinned host memory there,
-    and lets the caching allocator reuse the GPU block once the copy is done (`record_stream`); unpack makes the
-    compute stream wait for the tensor's copy back, then starts copying the previous saved tensor, which backward
-    needs next, so each copy overlaps a layer's recomputation. On the CPU (no streams, no pinning) the same path
-    runs as plain copies into separate host tensors, so it is exercised and tested there too.
+    On a GPU: pack waits (on a side stream) for the tensor to be produced, copies it into a pinned host buffer
+    (`PinnedBuffers`) there, and lets the caching allocator reuse the GPU block once the copy is done
+    (`record_stream`); unpack makes the compute stream wait for the tensor's copy back, then starts copying the
+    previous saved tensor, which backward needs next, so each copy overlaps a layer's recomputation. On the CPU (no
+    streams, no pinning) the same path runs as plain copies into reused host buffers, and unpack returns a copy,
+    as the GPU path does, so it is exercised and tested there too.
 
-    Tensors under `min_bytes` stay where they are. `stats` counts what went through, and the most that was held
-    in host memory at once.
+    Tensors under `min_bytes` stay where they are. `stats` counts what went through, the most that was held in
+    host memory at once, and the buffers' capacity and allocations.
     """
 
     def __init__(self, min_bytes: int = MIN_OFFLOAD_BYTES):
@@ -61,9 +112,21 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         self.keys = itertools.count()
         self.live: weakref.WeakValueDictionary[int, Saved] = weakref.WeakValueDictionary()
         self.streams: dict[torch.device, object] = {}
+        self.buffers: dict[torch.device, PinnedBuffers] = {}  # one set per device: one side stream orders its copies
         self.host_bytes = 0
         self.stats = {"tensors": 0, "bytes": 0, "fetched": 0, "prefetched": 0, "peak_host_bytes": 0}
         super().__init__(self.pack, self.unpack)
+
+    def buffers_for(self, device: torch.device) -> PinnedBuffers:
+        if device not in self.buffers:
+            self.buffers[device] = PinnedBuffers(pin=device.type == "cuda")
+        return self.buffers[device]
+
+    def buffer_stats(self) -> dict:
+        """Capacity held by the host buffers (most at once), and how many were allocated."""
+        return {"pinned_bytes": sum(b.held_bytes for b in self.buffers.values()),
+                "peak_pinned_bytes": sum(b.peak_held_bytes for b in self.buffers.values()),
+                "allocations": sum(b.allocations for b in self.buffers.values())}
 
     # -- pack (forward) --
 
@@ -71,37 +134,39 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes < self.min_bytes or tensor.layout is not torch.strided or isinstance(tensor, torch.nn.Parameter):
             return tensor
-        if tensor.device.type == "cuda":
-            host = self.copy_to_host(tensor)
-        elif tensor.device.type == "cpu":
-            host = tensor.detach().clone()
-        else:
+        if tensor.device.type not in ("cuda", "cpu"):
             return tensor
+        buffers = self.buffers_for(tensor.device)
+        buffer = buffers.take(nbytes)
+        host = host_view(buffer, tensor)
+        if tensor.device.type == "cuda":
+            self.copy_to_host(tensor, host)
+        else:
+            host.copy_(tensor.detach())
         saved = Saved(next(self.keys), host, tensor.device)
         self.live[saved.key] = saved
         self.host_bytes += nbytes
-        weakref.finalize(saved, self.released, nbytes)
+        weakref.finalize(saved, self.released, nbytes, buffers, buffer)
         self.stats["tensors"] += 1
         self.stats["bytes"] += nbytes
         self.stats["peak_host_bytes"] = max(self.stats["peak_host_bytes"], self.host_bytes)
         return saved
 
-    def released(self, nbytes: int) -> None:
+    def released(self, nbytes: int, buffers: PinnedBuffers, buffer: torch.Tensor) -> None:
         self.host_bytes -= nbytes
+        buffers.give_back(buffer)
 
     def side_stream(self, device: torch.device):
         if device not in self.streams:
             self.streams[device] = torch.cuda.Stream(device)
         return self.streams[device]
 
-    def copy_to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+    def copy_to_host(self, tensor: torch.Tensor, host: torch.Tensor) -> None:
         side = self.side_stream(tensor.device)
         side.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor must be written before it is read
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         with torch.cuda.stream(side):
             host.copy_(tensor.detach(), non_blocking=True)
         tensor.record_stream(side)  # its GPU block is not reused before the copy has read it
-        return host
 
     # -- unpack (backward) --
 
@@ -110,7 +175,7 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
             return saved
         if saved.device.type != "cuda":
             self.stats["fetched"] += 1
-            return saved.host
+            return saved.host.clone()  # the buffer goes back to the pool once `saved` is released
         if saved.on_device is None:
             self.fetch(saved)
         else:

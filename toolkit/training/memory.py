@@ -156,9 +156,18 @@ def activation_bytes_per_token(text_config, setup: Setup) -> int:
     return (layers - checkpointed) * layer + inputs * setup.compute_bytes * h + recompute + head + int8
 
 
-def host_bytes_per_token(text_config, setup: Setup) -> int:
-    """Host (pinned CPU) memory per token of the longest micro-batch: the offloaded layer inputs."""
-    return checkpointed_layers(text_config, setup) * setup.compute_bytes * text_config.hidden_size if setup.offload else 0
+def pinned_block_bytes(nbytes: int) -> int:
+    """The pinned host block PyTorch's host allocator reserves for `nbytes`: the next power of two."""
+    return 1 << max(nbytes - 1, 0).bit_length()
+
+
+def host_bytes(text_config, setup: Setup, rows: int, tokens: int) -> int:
+    """Pinned host memory for a micro-batch of `rows` rows of `tokens` tokens (the longest): each checkpointed
+    layer's offloaded input in its own power-of-two block (`toolkit.training.activations.PinnedBuffers`)."""
+    if not setup.offload:
+        return 0
+    one_input = rows * tokens * setup.compute_bytes * text_config.hidden_size
+    return checkpointed_layers(text_config, setup) * pinned_block_bytes(one_input)
 
 
 # ---- images ----
@@ -211,13 +220,10 @@ class Plan:
     per_row_gib: float
     budget_gib: float
     checkpoint_layers: int | None = None  # None: all (or no checkpointing)
-    host_per_row_gib: float = 0.0  # offloaded layer inputs
+    host_gib: float = 0.0  # offloaded layer inputs, in pinned host memory
 
     def peak_gib(self, batch: int | None = None) -> float:
         return self.weights_gib + (batch or self.batch_size) * self.per_row_gib + RESERVE_BYTES / GIB
-
-    def host_gib(self, batch: int | None = None) -> float:
-        return (batch or self.batch_size) * self.host_per_row_gib
 
 
 def fewest_checkpointed(text_config, setup: Setup, tokens: int, batch: int, room: float) -> int | None:
@@ -255,7 +261,7 @@ def plan_batch(meta_model, text_config, setup: Setup, longest_row: int, budget_g
                 f"fit train.memory_budget_gib={budget_gib:g}; lower train.batch_size or raise the budget")
         setup = replace(setup, checkpoint_layers=layers)
     per_row = tokens * activation_bytes_per_token(text_config, setup) + image_row_bytes
-    host = tokens * host_bytes_per_token(text_config, setup)
+    host = host_bytes(text_config, setup, batch, tokens)
     return Plan(batch, weights / GIB, per_row / GIB, budget_gib, setup.checkpoint_layers, host / GIB)
 
 
@@ -368,5 +374,5 @@ def plan_note(plan: Plan, recipe) -> str:
         layers = "all" if plan.checkpoint_layers is None else str(plan.checkpoint_layers)
         parts.append(f"checkpointed layers: {layers}")
     if mode == "offload":
-        parts.append(f"{plan.host_gib():.1f} GiB of layer inputs in host memory")
+        parts.append(f"{plan.host_gib:.1f} GiB of layer inputs in host memory")
     return "; ".join(parts)
