@@ -106,3 +106,30 @@ def test_flex_attention_is_refused_for_training_on_the_cpu(tmp_path, tiny_data, 
     assert main(["validate", str(recipe), "--set", "model.attn_implementation=flex_attention"]) == 2
     assert ("model.attn_implementation=flex_attention trains on a CUDA GPU only (PyTorch has no FlexAttention "
             "backward on the CPU); use sdpa on CPU") in " ".join(capsys.readouterr().out.split())
+
+
+def test_auto_attention_is_flex_only_to_train_padding_free_on_a_gpu():
+    gpu, cpu = Accelerator(cuda=True, bf16=True, name="gpu"), Accelerator(cuda=False, bf16=False)
+
+    def kernel(device, training, padding_free=True, chosen=None):
+        model = {"name": "builtin:tiny-mllama", **({"attn_implementation": chosen} if chosen else {})}
+        recipe = recipe_from_dict({"model": model, "data": {"train": "unused.jsonl"},
+                                   "train": {"padding_free": padding_free}})
+        return loading.attention_kernel(recipe, device, training)
+
+    assert kernel(gpu, training=True) == "flex_attention"
+    assert kernel(gpu, training=True, padding_free=False) == "sdpa"  # padded batches: SDPA's fused kernels
+    assert kernel(gpu, training=False) == "sdpa"  # eval and generate pad their batches
+    assert kernel(cpu, training=True) == "sdpa"  # no FlexAttention backward on the CPU
+    assert kernel(gpu, training=True, chosen="sdpa") == "sdpa"  # what the recipe names is what loads
+    assert kernel(cpu, training=False, chosen="eager") == "eager"
+
+
+def test_padding_free_training_on_the_cpu_loads_sdpa_when_attention_is_auto(tmp_path, monkeypatch):
+    asked = []
+    chosen = loading.attention_kernel
+    monkeypatch.setattr(loading, "attention_kernel", lambda *args: asked.append(args[2]) or chosen(*args))
+    built, recipe = built_trainer(tmp_path, padding_free=True, attention="auto")
+    assert recipe.model.attn_implementation == "auto"
+    assert built.model.config._attn_implementation == "sdpa"
+    assert asked == [True]  # the Trainer's model is loaded for training: on a GPU this one would be flex

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import ClassVar
 
 from transformers import TrainerCallback
 
@@ -183,7 +184,8 @@ class StepClock(TrainerCallback):
     Python's garbage collection (seconds paused), and on a GPU the allocators' trips to the driver (new device
     segments, allocation retries after a failed cudaMalloc, new pinned host blocks)."""
 
-    COUNTERS = {"step_new_segments": "segment.all.allocated", "step_alloc_retries": "num_alloc_retries"}
+    COUNTERS: ClassVar[dict[str, str]] = {"step_new_segments": "segment.all.allocated",
+                                          "step_alloc_retries": "num_alloc_retries"}
 
     def __init__(self):
         self.marks: list = []

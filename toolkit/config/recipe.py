@@ -41,9 +41,10 @@ class ModelSection(Section):
     name: str = Field(description="Hub id, local directory, or builtin:tiny-mllama.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Precision = Field("auto", description="dtype of the frozen base weights; auto follows train.precision.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
-        "sdpa", description="Attention kernel; flex_attention: text rows only (with train.padding_free it skips the "
-        "pairs of different rows instead of computing and masking them).")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto", description="Attention kernel; flex_attention: text rows only (with train.padding_free it skips the "
+        "pairs of different rows instead of computing and masking them); auto: flex_attention to train padding-free "
+        "on a GPU, sdpa everywhere else.")
 
 
 class QuantizationSection(Section):

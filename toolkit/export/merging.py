@@ -248,7 +248,8 @@ def merge(run_dir: Path, recipe, out: Path, dtype: str, max_shard_size: str) -> 
     del merged, model
     gc.collect()
     reloaded = load_saved(out, dtype, device)
-    vision_tower.prepare(reloaded, recipe.data.vision_tiles, recipe.model.attn_implementation)  # the run's tiling
+    vision_tower.prepare(reloaded, recipe.data.vision_tiles,  # the run's tiling
+                         loading.attention_kernel(recipe, device, training=False))
     return {
         "max_abs_delta": max_delta(logits(reloaded, batches), reference),
         "adapter_effect": adapter_effect,

@@ -127,14 +127,27 @@ def model_class(config):
     return AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
 
 
-def load_model(recipe, precision: str, device: Accelerator, quantize: bool = True):
-    """Load the base model as the recipe says (dtype, attention, quantization) on the training device."""
+def attention_kernel(recipe, device: Accelerator | None, training: bool) -> str:
+    """The attention implementation to load. `auto` picks FlexAttention only to train padding-free batches on a GPU:
+    there it computes each row against itself alone, while SDPA, given the packed rows' block mask, fell back to a
+    kernel that made the step 2.2x slower than padding (docs/benchmarks.md); everywhere else, SDPA."""
+    chosen = recipe.model.attn_implementation
+    if chosen != "auto":
+        return chosen
+    packed_on_gpu = training and recipe.train.padding_free and device is not None and device.cuda
+    return "flex_attention" if packed_on_gpu else "sdpa"
+
+
+def load_model(recipe, precision: str, device: Accelerator, quantize: bool = True, training: bool = False):
+    """Load the base model as the recipe says (dtype, attention, quantization) on the training device; `training`:
+    for the Trainer (`attention_kernel`)."""
     import torch
 
     config = load_config(recipe.model.name, recipe.model.revision)
+    attention = attention_kernel(recipe, device, training)
     kwargs = {
         "dtype": getattr(torch, base_dtype(recipe.model.dtype, precision)),
-        "attn_implementation": recipe.model.attn_implementation,
+        "attn_implementation": attention,
     }
     if recipe.model.revision:
         kwargs["revision"] = recipe.model.revision
@@ -142,13 +155,13 @@ def load_model(recipe, precision: str, device: Accelerator, quantize: bool = Tru
     if bnb is not None:
         kwargs["quantization_config"] = bnb
         kwargs["device_map"] = {"": torch.cuda.current_device() if device.cuda else "cpu"}
-    if recipe.model.attn_implementation == "flash_attention_2" and not device.cuda:
+    if attention == "flash_attention_2" and not device.cuda:
         raise ToolkitError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
     try:
         model = model_class(config).from_pretrained(model_location(recipe.model.name), **kwargs)
     except ImportError as err:
         raise ToolkitError(f"cannot load '{recipe.model.name}': {first_line(err)}") from None
-    vision_tower.prepare(model, recipe.data.vision_tiles, recipe.model.attn_implementation)
+    vision_tower.prepare(model, recipe.data.vision_tiles, attention)
     if recipe.quantization.mode == "8bit" and quantize:
         feed_int8_layers_rows(model)
     return model

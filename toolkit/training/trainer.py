@@ -28,7 +28,7 @@ def build_trainer(recipe, *, precision: str, device, tokenizer, train_dataset, o
     from transformers.trainer_callback import PrinterCallback
 
     set_seed(recipe.train.seed)  # LoRA's A matrices are drawn when TRL wraps the model: same start on every run
-    model = loading.load_model(recipe, precision, device)
+    model = loading.load_model(recipe, precision, device, training=True)
     args = to_sft_config(recipe.train, precision, device, output_dir, eval_dataset is not None,
                          distributed.world_size(), strategy, **config_overrides)
     try:
