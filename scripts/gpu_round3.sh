@@ -47,6 +47,7 @@ OFF="train.gradient_checkpointing=offload"
 # 3 warm-up + 7 measured steps by default; the 4-bit and 8-bit pairs run 3 + 17, so that their first 20 losses
 # (warm-up steps included: same batches, same order) can be compared. bf16 pairs compare their first 10.
 LONG="bench.steps=17"
+FLEX="train.padding_free=true model.attn_implementation=flex_attention bench.timeout=150"
 
 SETUPS=(
   "4bit-b64-ckpt: $B4 $LONG"
@@ -69,6 +70,10 @@ SETUPS=(
   "bf16-b64-ckpt-packed: $BF train.batch_size=64 train.padding_free=true"
   "bf16-b64-ckpt-packed-flex: $BF train.batch_size=64 train.padding_free=true model.attn_implementation=flex_attention bench.timeout=150"
   "4bit-b96-offload-packed-flex: quantization.mode=4bit train.batch_size=96 $OFF train.padding_free=true model.attn_implementation=flex_attention bench.timeout=150"
+  "4bit-b128-offload-packed-flex: quantization.mode=4bit train.batch_size=128 $OFF $FLEX"
+  "8bit-b96-offload-packed-flex: train.batch_size=96 $OFF $FLEX"
+  "bf16-b96-offload-packed-flex: $BF train.batch_size=96 $OFF $FLEX"
+  "construction-bf16-packed-flex: $BF train.batch_size=32 train.gradient_checkpointing=false $FLEX"
 )
 # ONLY="name1 name2" runs just those setups (their names before the colon), in the order above: a later GPU call
 # can finish what an earlier one's time limit skipped.
@@ -100,7 +105,9 @@ PAIRS = {"4bit-b64-offload": "4bit-b64-ckpt", "8bit-b48-offload": "8bit-b48-ckpt
          "bf16-b64-offload-auto40": "bf16-b64-ckpt", "construction-bf16-compile": "construction-bf16-noliger",
          "bf16-b64-offload": "bf16-b64-ckpt", "4bit-b64-offload-auto16": "4bit-b64-ckpt",
          "bf16-b64-ckpt-packed": "bf16-b64-ckpt", "bf16-b64-ckpt-packed-flex": "bf16-b64-ckpt",
-         "4bit-b96-offload-packed-flex": "4bit-b96-offload"}
+         "4bit-b96-offload-packed-flex": "4bit-b96-offload", "4bit-b128-offload-packed-flex": "4bit-b128-offload",
+         "8bit-b96-offload-packed-flex": "8bit-b96-offload", "bf16-b96-offload-packed-flex": "bf16-b96-offload",
+         "construction-bf16-packed-flex": "construction-bf16"}
 
 def loss_gap(new, old):
     same = ("batch", "measured_steps", "warmup_steps", "warmup_lengths")
