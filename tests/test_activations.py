@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_recipe
+from toolkit import api
 from toolkit.cli import main
 from toolkit.config.recipe import LoraSection, TrainSection
 from toolkit.errors import ToolkitError
@@ -308,3 +309,32 @@ def test_sft_trains_with_auto_settings_resolved_and_says_so(tmp_path, tiny_data,
     assert "train.batch_size: auto -> 12; train.checkpoint_layers: auto -> 0; memory: est. peak" in out
     saved = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
     assert "checkpoint_layers: 0" in saved and "batch_size: 12" in saved and "gradient_checkpointing: offload" in saved
+
+
+def test_sft_refuses_offload_that_would_not_fit_the_hosts_free_memory(tmp_path, tiny_data, capsys, monkeypatch):
+    recipe = tiny_recipe(tmp_path, tiny_data, train={"batch_size": 4, "gradient_checkpointing": "offload"})
+    prepared = api.plan(recipe)
+    hidden, longest = prepared.model_config.get_text_config().hidden_size, max(prepared.lengths)
+    # 3 layer inputs of 4 rows as long as the longest (padded to 8), fp32, each in a power-of-two block
+    need = 3 * memory.pinned_block_bytes(4 * -(-longest // 8) * 8 * hidden * 4)
+    memory.check_host_memory(prepared, available=need)  # exactly enough: fine
+    with pytest.raises(ToolkitError, match=r"\(2 training processes\)"):
+        memory.check_host_memory(prepared, processes=2, available=need)
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: need - 2**20 // 100)
+    run_dir = tmp_path / "run"
+    assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert (f"train.gradient_checkpointing=offload keeps about {need / 2**20:.2f} MiB of layer inputs in host memory "
+            f"for 4 rows of up to {longest} tokens, but this machine has {(need - 2**20 // 100) / 2**20:.2f} MiB "
+            "available; lower train.batch_size or use train.gradient_checkpointing: true") in out
+    assert not run_dir.exists()
+    with pytest.raises(ToolkitError, match="layer inputs in host memory"):
+        api.train(prepared, tmp_path / "api-run")
+    assert not (tmp_path / "api-run").exists()
+    plain = api.plan(tiny_recipe(tmp_path, tiny_data, train={"batch_size": 4, "gradient_checkpointing": True}))
+    memory.check_host_memory(plain, available=0)  # nothing offloaded, nothing to check
+
+
+def test_available_host_memory_is_read_from_meminfo():
+    available = memory.available_host_bytes()
+    assert available is not None and available > 2**20

@@ -15,7 +15,7 @@ from toolkit.data.batching import length_grouped_order, shared_modality_batches
 from toolkit.errors import ToolkitError
 from toolkit.model import lora
 from toolkit.runs import resume, rundir
-from toolkit.training import distributed, samples, trainer
+from toolkit.training import distributed, memory, samples, trainer
 from toolkit.ui.report import console, show
 
 
@@ -195,6 +195,7 @@ def train_into(prepared, run_dir: Path, overwrite: bool = False, resume: bool = 
     record what the run starts with (or check that a resume changes nothing that is learned), then train and save
     in this process, or call `launch()` to start the training processes, and return what it returns. A finished
     run with `resume` is left as it is."""
+    memory.check_host_memory(prepared, processes)  # before the run directory is touched
     same_run, write = start_record_steps(prepared, processes, strategy, run_dir)
     with rundir.claimed_run_dir(run_dir, overwrite, resume, check=same_run) as claim:
         if claim.finished:

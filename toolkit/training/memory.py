@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from toolkit.config.precision import pad_multiple
 from toolkit.errors import ToolkitError
@@ -363,6 +364,42 @@ def memory_plan(prepared):
     if plan is None and prepared.lengths:
         plan = estimate(recipe, prepared.model_config, prepared.lengths, prepared.precision, *image_load(prepared))
     return replace(prepared, recipe=recipe), plan
+
+
+def available_host_bytes() -> int | None:
+    """The memory the OS can still give out (MemAvailable in /proc/meminfo); None where that cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_host_memory(prepared, processes: int = 1, available: int | None = None) -> None:
+    """Refuse offloading whose layer inputs would not fit the host's free memory. On a GPU they are pinned, which
+    the OS can neither swap nor reclaim: a run that asks for more than is free is ended by the kernel's OOM killer
+    in its first long batch, with no message, or takes the memory of everything else on the machine."""
+    recipe = prepared.recipe
+    if recipe.train.gradient_checkpointing != "offload" or not prepared.lengths:
+        return
+    if recipe.train.batch_size == "auto" or recipe.train.checkpoint_layers == "auto":
+        return  # not resolved yet: `memory_plan` resolves them, and training is given the resolved recipe
+    need = estimate(recipe, prepared.model_config, prepared.lengths, prepared.precision,
+                    *image_load(prepared)).host_gib * GIB * processes
+    available = available_host_bytes() if available is None else available
+    if available is not None and need > available:
+        each = f" ({processes} training processes)" if processes > 1 else ""
+        raise ToolkitError(
+            f"train.gradient_checkpointing=offload keeps about {shown_bytes(need)} of layer inputs in host "
+            f"memory{each} for {recipe.train.batch_size} rows of up to {max(prepared.lengths)} tokens, but this "
+            f"machine has {shown_bytes(available)} available; lower train.batch_size or use "
+            "train.gradient_checkpointing: true")
+
+
+def shown_bytes(n: float) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:.2f} MiB"
 
 
 def plan_note(plan: Plan, recipe) -> str:
