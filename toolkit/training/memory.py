@@ -386,8 +386,9 @@ def check_host_memory(prepared, processes: int = 1, available: int | None = None
         return
     if recipe.train.batch_size == "auto" or recipe.train.checkpoint_layers == "auto":
         return  # not resolved yet: `memory_plan` resolves them, and training is given the resolved recipe
-    need = estimate(recipe, prepared.model_config, prepared.lengths, prepared.precision,
-                    *image_load(prepared)).host_gib * GIB * processes
+    tokens = padded(max(prepared.lengths), pad_multiple(prepared.precision))
+    need = processes * host_bytes(prepared.model_config.get_text_config(),
+                                  Setup.from_recipe(recipe, prepared.precision), recipe.train.batch_size, tokens)
     available = available_host_bytes() if available is None else available
     if available is not None and need > available:
         each = f" ({processes} training processes)" if processes > 1 else ""
