@@ -48,32 +48,34 @@ OFF="train.gradient_checkpointing=offload"
 # (warm-up steps included: same batches, same order) can be compared. bf16 pairs compare their first 10.
 LONG="bench.steps=17"
 FLEX="train.padding_free=true model.attn_implementation=flex_attention bench.timeout=150"
+PAD="train.padding_free=false"  # recipes/construction.yaml trains padding-free since; these setups measure padding
 
 SETUPS=(
-  "4bit-b64-ckpt: $B4 $LONG"
-  "4bit-b64-offload: $B4 $OFF $LONG"
-  "8bit-b48-ckpt (construction.yaml): $LONG"
-  "8bit-b48-offload: $OFF $LONG"
-  "bf16-b64-ckpt: $BF train.batch_size=64"
-  "bf16-b64-offload-auto40: $BF train.batch_size=64 $OFF train.checkpoint_layers=auto train.memory_budget_gib=40"
-  "construction-bf16: $BF train.batch_size=32 train.gradient_checkpointing=false"
-  "8bit-b96-offload: train.batch_size=96 $OFF bench.profile=1"
-  "construction-bf16-noliger: $BF train.batch_size=32 train.gradient_checkpointing=false train.liger_kernel=false"
-  "construction-bf16-compile: $BF train.batch_size=32 train.gradient_checkpointing=false train.liger_kernel=false train.compile=true bench.timeout=120"
-  "4bit-b128-offload: quantization.mode=4bit train.batch_size=128 $OFF"
-  "bf16-b96-offload: $BF train.batch_size=96 $OFF"
-  "8bit-b128-offload: train.batch_size=128 $OFF"
-  "4bit-b96-offload: quantization.mode=4bit train.batch_size=96 $OFF"
-  "bf16-b64-offload: $BF train.batch_size=64 $OFF"
-  "bf16-b48-offload: $BF train.batch_size=48 $OFF"
-  "4bit-b64-offload-auto16: $B4 $OFF train.checkpoint_layers=auto train.memory_budget_gib=16"
-  "bf16-b64-ckpt-packed: $BF train.batch_size=64 train.padding_free=true"
+  "4bit-b64-ckpt: $B4 $LONG $PAD"
+  "4bit-b64-offload: $B4 $OFF $LONG $PAD"
+  "8bit-b48-ckpt (construction.yaml): $LONG $PAD"
+  "8bit-b48-offload: $OFF $LONG $PAD"
+  "bf16-b64-ckpt: $BF train.batch_size=64 $PAD"
+  "bf16-b64-offload-auto40: $BF train.batch_size=64 $OFF train.checkpoint_layers=auto train.memory_budget_gib=40 $PAD"
+  "construction-bf16: $BF train.batch_size=32 train.gradient_checkpointing=false $PAD"
+  "8bit-b96-offload: train.batch_size=96 $OFF bench.profile=1 $PAD"
+  "construction-bf16-noliger: $BF train.batch_size=32 train.gradient_checkpointing=false train.liger_kernel=false $PAD"
+  "construction-bf16-compile: $BF train.batch_size=32 train.gradient_checkpointing=false train.liger_kernel=false train.compile=true bench.timeout=120 $PAD"
+  "4bit-b128-offload: quantization.mode=4bit train.batch_size=128 $OFF $PAD"
+  "bf16-b96-offload: $BF train.batch_size=96 $OFF $PAD"
+  "8bit-b128-offload: train.batch_size=128 $OFF $PAD"
+  "4bit-b96-offload: quantization.mode=4bit train.batch_size=96 $OFF $PAD"
+  "bf16-b64-offload: $BF train.batch_size=64 $OFF $PAD"
+  "bf16-b48-offload: $BF train.batch_size=48 $OFF $PAD"
+  "4bit-b64-offload-auto16: $B4 $OFF train.checkpoint_layers=auto train.memory_budget_gib=16 $PAD"
+  "bf16-b64-ckpt-packed: $BF train.batch_size=64 train.padding_free=true model.attn_implementation=sdpa"
   "bf16-b64-ckpt-packed-flex: $BF train.batch_size=64 train.padding_free=true model.attn_implementation=flex_attention bench.timeout=150"
   "4bit-b96-offload-packed-flex: quantization.mode=4bit train.batch_size=96 $OFF train.padding_free=true model.attn_implementation=flex_attention bench.timeout=150"
   "4bit-b128-offload-packed-flex: quantization.mode=4bit train.batch_size=128 $OFF $FLEX"
   "8bit-b96-offload-packed-flex: train.batch_size=96 $OFF $FLEX"
   "bf16-b96-offload-packed-flex: $BF train.batch_size=96 $OFF $FLEX"
   "construction-bf16-packed-flex: $BF train.batch_size=32 train.gradient_checkpointing=false $FLEX"
+  "8bit-b48-ckpt-packed-flex (construction.yaml as shipped): $LONG"
 )
 # ONLY="name1 name2" runs just those setups (their names before the colon), in the order above: a later GPU call
 # can finish what an earlier one's time limit skipped.
@@ -107,7 +109,7 @@ PAIRS = {"4bit-b64-offload": "4bit-b64-ckpt", "8bit-b48-offload": "8bit-b48-ckpt
          "bf16-b64-ckpt-packed": "bf16-b64-ckpt", "bf16-b64-ckpt-packed-flex": "bf16-b64-ckpt",
          "4bit-b96-offload-packed-flex": "4bit-b96-offload", "4bit-b128-offload-packed-flex": "4bit-b128-offload",
          "8bit-b96-offload-packed-flex": "8bit-b96-offload", "bf16-b96-offload-packed-flex": "bf16-b96-offload",
-         "construction-bf16-packed-flex": "construction-bf16"}
+         "construction-bf16-packed-flex": "construction-bf16", "8bit-b48-ckpt-packed-flex": "8bit-b48-ckpt"}
 
 def loss_gap(new, old):
     same = ("batch", "measured_steps", "warmup_steps", "warmup_lengths")
