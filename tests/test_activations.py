@@ -323,14 +323,19 @@ def test_sft_refuses_offload_that_would_not_fit_the_hosts_free_memory(tmp_path, 
     monkeypatch.setattr(memory, "available_host_bytes", lambda: need - 2**20 // 100)
     run_dir = tmp_path / "run"
     assert main(["sft", str(recipe), "--output-dir", str(run_dir)]) == 2
-    out = " ".join(capsys.readouterr().out.split())
-    assert (f"train.gradient_checkpointing=offload keeps about {need / 2**20:.2f} MiB of layer inputs in host memory "
-            f"for 4 rows of up to {longest} tokens, but this machine has {(need - 2**20 // 100) / 2**20:.2f} MiB "
-            "available; lower train.batch_size or use train.gradient_checkpointing: true") in out
+    refusal = (f"train.gradient_checkpointing=offload keeps about {need / 2**20:.2f} MiB of layer inputs in host "
+               f"memory for 4 rows of up to {longest} tokens, but this machine has "
+               f"{(need - 2**20 // 100) / 2**20:.2f} MiB available; lower train.batch_size or use "
+               "train.gradient_checkpointing: true")
+    assert refusal in " ".join(capsys.readouterr().out.split())
     assert not run_dir.exists()
     with pytest.raises(ToolkitError, match="layer inputs in host memory"):
         api.train(prepared, tmp_path / "api-run")
     assert not (tmp_path / "api-run").exists()
+    # a node of a multi-machine job is refused the same way, before it waits for the other nodes
+    assert main(["sft", str(recipe), "--output-dir", str(run_dir), "--nodes", "2", "--node-rank", "0",
+                 "--master-addr", "127.0.0.1", "--join-timeout", "600"]) == 2
+    assert refusal in " ".join(capsys.readouterr().out.split()) and not run_dir.exists()
     plain = api.plan(tiny_recipe(tmp_path, tiny_data, train={"batch_size": 4, "gradient_checkpointing": True}))
     memory.check_host_memory(plain, available=0)  # nothing offloaded, nothing to check
 

@@ -150,6 +150,7 @@ def main(argv: list[str]) -> int:
         settings = prepared.recipe.train  # the split every process will make, refused here before any node waits
         distributed.per_process_batch(settings.batch_size, settings.grad_accum, rendezvous.nodes * args.gpus)
         fit.check_shared_steps(prepared, rendezvous.nodes * args.gpus, args.strategy)
+        memory.check_host_memory(prepared, args.gpus)  # this node's processes; they skip `fit.train_into`
         return launch_node(args, run_dir, rendezvous)
     if args.gpus > 1:
         fit.check_shared_steps(prepared, args.gpus, args.strategy)
