@@ -44,6 +44,10 @@ def test_idle_gaps_are_charged_to_the_phase_the_cpu_was_in():
         pytest.approx(0.018)  # before the first kernel and after the last
     assert summary["kernel_ms"] == pytest.approx({"matmul": 0.023, "elementwise": 0.025, "optimizer": 0.004})
     assert summary["syncs_per_step"]["cudaStreamSynchronize"] == {"calls": 1, "ms": pytest.approx(0.007)}
+    assert summary["kernels"] == [
+        {"name": "vectorized_elementwise_kernel", "kind": "elementwise", "calls": 1, "ms": pytest.approx(0.025)},
+        {"name": "nvjet_gemm", "kind": "matmul", "calls": 2, "ms": pytest.approx(0.023)},
+        {"name": "multi_tensor_apply_kernel", "kind": "optimizer", "calls": 1, "ms": pytest.approx(0.004)}]
 
 
 def test_no_labelled_step_no_summary():
