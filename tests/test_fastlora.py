@@ -234,3 +234,50 @@ def test_dequantized_8bit_layers_keep_their_bias():
         adapted = model(x)  # lora_B starts at zero: the output is the base layer's
     assert counts["lora"] == 1
     assert torch.allclose(adapted, expected, atol=2e-2)
+
+
+def checkpointed_step(frozen_dense: bool):
+    """One checkpointed forward and backward of the built-in model with LoRA on q,k,v,o: the loss, the gradients, and
+    how often each text layer's MLP projections started in backward (the recomputation)."""
+    model = tiny_peft_model(dropout=0.1)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    started = {"gate_proj": 0, "down_proj": 0}
+    backward = [False]
+    for name, module in model.named_modules():
+        kind = name.rsplit(".", 1)[-1]
+        if kind in started and "vision" not in name:
+            module.register_forward_pre_hook(lambda m, i, kind=kind: started.__setitem__(kind, started[kind] +
+                                                                                           backward[0]))
+    ids = torch.arange(24).reshape(2, 12) * 7 % 900
+    torch.manual_seed(1)
+    with fastlora.fused_layers(model, lora=True, int8_dequantize=False, frozen_dense=frozen_dense) as counts:
+        loss = model(input_ids=ids, labels=ids).loss
+        backward[0] = True
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads, counts, started
+
+
+def test_frozen_dense_layers_spare_the_recomputation_the_mlps_last_projection():
+    """Under checkpointing, backward remakes a layer's forward until everything it kept is back. `F.linear` keeps a
+    view of its frozen weight, so the MLP's down projection, whose output nothing in backward needs, was run again
+    for that view alone; the frozen-layer function keeps nothing, so the recomputation stops before it. Gate and
+    up projections still run (SwiGLU needs their outputs), and loss and gradients are those of PyTorch's layers."""
+    plain, frozen = checkpointed_step(False), checkpointed_step(True)
+    assert plain[3] == {"gate_proj": 3, "down_proj": 3}
+    assert frozen[3] == {"gate_proj": 3, "down_proj": 0}
+    assert frozen[2]["dense"] > 0 and plain[2]["dense"] == 0
+    assert_same(plain[:3], frozen[:3], tolerance=1e-6)
+
+
+def test_frozen_dense_layers_run_only_with_checkpointing_and_whole_weights():
+    from toolkit.config.recipe import Recipe
+
+    recipe = Recipe.model_validate({"model": {"name": "builtin:tiny-mllama"},
+                                    "data": {"train": "t.jsonl", "formatter": "alpaca"},
+                                    "train": {"gradient_checkpointing": True}})
+    assert fastlora.paths_on(recipe)["frozen_dense"] is True
+    assert fastlora.paths_on(recipe, "fsdp")["frozen_dense"] is False
+    off = recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": False})})
+    assert fastlora.paths_on(off)["frozen_dense"] is False

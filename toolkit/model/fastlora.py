@@ -13,6 +13,10 @@ Why this exists (each point measured in docs/benchmarks.md):
   weights stay 8-bit in memory, only the arithmetic is bf16 (no activation quantization, so no outlier threshold).
 - 4-bit weights are dequantized with bitsandbytes' public `dequantize_4bit`, as its own matmul does for large
   batches; the difference is only in what the LoRA half keeps.
+- A frozen bf16/fp32 `nn.Linear` (the MLP of LoRA on attention) keeps nothing either. Through `F.linear` autograd
+  keeps a view of its weight, and that matters under gradient checkpointing: backward's recomputation of a layer
+  stops once it has remade everything the forward kept (`torch.utils.checkpoint`'s early stop), so the MLP's last
+  projection, which is run only to remake that view, is skipped (as it already is for 4-bit and 8-bit layers).
 
 The functions are installed for the duration of `fused_layers(...)` by giving each eligible module an instance
 `forward`; anything they do not cover (merged or disabled adapters, several active adapters, DoRA and other
@@ -105,30 +109,35 @@ def set_rng_state(state: torch.Tensor, device: torch.device) -> None:
         torch.set_rng_state(state)
 
 
-def keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
-    """1 where dropout keeps an element, 0 where it drops it, drawn from the device's default generator.
+def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dropout(x), keep mask) in one kernel on a GPU, drawn from the device's default generator.
 
-    The default generator (not a private one) so that gradient checkpointing, which restores it before
-    recomputing a layer, redraws the same mask in the recomputation.
+    `native_dropout` draws, masks and scales in one pass over `x` (mask, multiply and scale as separate ops cost
+    three passes and a tensor of random numbers). The default generator, not a private one, so that gradient
+    checkpointing, which restores it before recomputing a layer, redraws the same mask in the recomputation.
     """
-    return torch.empty_like(like).bernoulli_(1.0 - p)
+    return torch.native_dropout(x, p, True)
 
 
-def rebuilt_keep_mask(like: torch.Tensor, p: float, state: torch.Tensor) -> torch.Tensor:
-    """The mask `keep_mask` drew when the generator was at `state`, leaving the generator where it is now."""
-    now = rng_state(like.device)
-    set_rng_state(state, like.device)
+def rebuilt_dropout(x: torch.Tensor, p: float, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `dropout(x, p)` returned when the generator was at `state`, leaving the generator where it is now.
+
+    The same input tensor is passed again, so the kernel maps random numbers to elements the way it did then.
+    """
+    now = rng_state(x.device)
+    set_rng_state(state, x.device)
     try:
-        return keep_mask(like, p)
+        return dropout(x, p)
     finally:
-        set_rng_state(now, like.device)
+        set_rng_state(now, x.device)
 
 
 # ---- autograd functions ----
 
 
 class FrozenLinearFunction(torch.autograd.Function):
-    """`x @ W^T + b` for a frozen, quantized `W`, dequantized in forward and again in backward; keeps no input."""
+    """`x @ W^T + b` for a frozen `W` (a quantized one dequantized in forward and again in backward); keeps neither
+    the input nor a view of the weight, so autograd sees nothing saved."""
 
     @staticmethod
     def forward(ctx, x, layer, kind):
@@ -146,7 +155,8 @@ class LoraLinearFunction(torch.autograd.Function):
 
     Saved for backward: x, u = dropout(x) @ A^T (r wide), A and B (parameters, no copies) and, with dropout, the
     generator state the mask was drawn from. Gradients: dB = scale g^T u, dA = (scale g B)^T dropout(x),
-    dx = g W + mask/(1-p) * (scale g B) A; the base weight is dequantized again rather than kept.
+    dx = g W + mask/(1-p) * (scale g B) A; the base weight is dequantized again rather than kept. Backward redraws
+    dropout(x) and its mask in one kernel, and the matmul g W adds the adapter's term in its epilogue.
     """
 
     @staticmethod
@@ -158,7 +168,7 @@ class LoraLinearFunction(torch.autograd.Function):
         dropped = flat
         if p > 0:
             state = rng_state(x.device)
-            dropped = torch.mul(flat, keep_mask(flat, p)).mul_(1.0 / (1.0 - p))
+            dropped = dropout(flat, p)[0]
         u = dropped @ lora_a.to(dtype).t()
         out.addmm_(u, lora_b.to(dtype).t(), alpha=scale)
         ctx.save_for_backward(x, u, lora_a, lora_b)
@@ -173,19 +183,19 @@ class LoraLinearFunction(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         gu = (g @ b).mul_(scale)  # gradient reaching u, n x r
-        mask = rebuilt_keep_mask(flat, p, ctx.state) if p > 0 else None
+        dropped, mask = rebuilt_dropout(flat, p, ctx.state) if p > 0 else (flat, None)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[2]:
             grad_b = (g.t() @ u).mul_(scale).to(lora_b.dtype)
         if ctx.needs_input_grad[1]:
-            dropped = flat if mask is None else torch.mul(flat, mask).mul_(1.0 / (1.0 - p))
             grad_a = (gu.t() @ dropped).to(lora_a.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = g @ dense_weight(ctx.layer, ctx.kind, dtype)
+            weight = dense_weight(ctx.layer, ctx.kind, dtype)
             if mask is None:
-                grad_x.addmm_(gu, a)
+                grad_x = (g @ weight).addmm_(gu, a)
             else:
-                grad_x.add_((gu @ a).mul_(mask), alpha=1.0 / (1.0 - p))
+                adapter = torch.ops.aten.native_dropout_backward(gu @ a, mask, 1.0 / (1.0 - p))
+                grad_x = torch.addmm(adapter, g, weight)
             grad_x = grad_x.view(x.shape).to(x.dtype)
         return grad_x, grad_a, grad_b, None, None, None, None
 
@@ -231,11 +241,12 @@ def make_lora_forward(module, kind: str):
 
 
 def make_frozen_forward(module, kind: str):
-    bnb_forward = module.forward
+    own_forward = module.forward
 
     def forward(x, *args, **kwargs):
-        if args or kwargs or not torch.is_grad_enabled() or module.weight.requires_grad:
-            return bnb_forward(x, *args, **kwargs)
+        if args or kwargs or not torch.is_grad_enabled() or module.weight.requires_grad or \
+                (module.bias is not None and module.bias.requires_grad):
+            return own_forward(x, *args, **kwargs)
         return FrozenLinearFunction.apply(x, module, kind)
 
     return forward
@@ -260,17 +271,26 @@ def frozen_int8_modules(model):
             yield name, module
 
 
+def frozen_dense_modules(model):
+    """(name, module) for every plain `nn.Linear` whose weight is frozen (LoRA's base layers included: PEFT's own
+    forward, where it is still used, calls them)."""
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear and not module.weight.requires_grad:
+            yield name, module
+
+
 def patchable(module) -> bool:
     """No one else (e.g. accelerate's device hooks) has replaced this module's forward."""
     return "forward" not in vars(module) and not hasattr(module, "_hf_hook")
 
 
 @contextmanager
-def fused_layers(model, *, lora: bool, int8_dequantize: bool):
-    """Run LoRA layers (`lora`) and bitsandbytes 8-bit layers (`int8_dequantize`) through the functions above for
-    the duration of the block; returns how many modules of each were switched."""
+def fused_layers(model, *, lora: bool, int8_dequantize: bool, frozen_dense: bool = False):
+    """Run LoRA layers (`lora`), bitsandbytes 8-bit layers (`int8_dequantize`) and frozen dense linear layers
+    (`frozen_dense`) through the functions above for the duration of the block; returns how many modules of each
+    were switched."""
     patched = []
-    counts = {"lora": 0, "int8": 0}
+    counts = {"lora": 0, "int8": 0, "dense": 0}
     if lora:
         for _, module, kind in list(lora_linear_modules(model)):
             if (kind != "8bit" or int8_dequantize) and patchable(module):
@@ -283,6 +303,12 @@ def fused_layers(model, *, lora: bool, int8_dequantize: bool):
                 module.forward = make_frozen_forward(module, "8bit")
                 patched.append(module)
                 counts["int8"] += 1
+    if frozen_dense:
+        for _, module in list(frozen_dense_modules(model)):
+            if patchable(module):
+                module.forward = make_frozen_forward(module, "dense")
+                patched.append(module)
+                counts["dense"] += 1
     try:
         yield counts
     finally:
@@ -291,10 +317,12 @@ def fused_layers(model, *, lora: bool, int8_dequantize: bool):
 
 
 def paths_on(recipe, strategy: str = "ddp") -> dict[str, bool]:
-    """Which layers this module runs for a recipe: its LoRA layers (`train.fused_lora`) and its 8-bit layers
-    (`quantization.int8_matmul: dequantize`). Both read whole weights, so they run only where every process holds
-    them (one process or DDP); under FSDP and ZeRO-3 PEFT's and bitsandbytes' own layers run. `lora.upcast_inputs`
+    """Which layers this module runs for a recipe: its LoRA layers (`train.fused_lora`), its 8-bit layers
+    (`quantization.int8_matmul: dequantize`) and, with gradient checkpointing, frozen dense layers (a recomputation
+    saved; nothing else changes). All read whole weights, so they run only where every process holds them (one
+    process or DDP); under FSDP and ZeRO-3 PEFT's, bitsandbytes' and PyTorch's own layers run. `lora.upcast_inputs`
     asks for PEFT's casting, which only PEFT's layers do. Training and the memory plan both ask here."""
     replicated = strategy == "ddp"
     return {"lora": replicated and recipe.train.fused_lora and not recipe.lora.upcast_inputs,
-            "int8_dequantize": replicated and recipe.quantization.int8_matmul == "dequantize"}
+            "int8_dequantize": replicated and recipe.quantization.int8_matmul == "dequantize",
+            "frozen_dense": replicated and bool(recipe.train.gradient_checkpointing)}
