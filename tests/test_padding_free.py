@@ -108,7 +108,10 @@ def test_flex_attention_is_refused_for_training_on_the_cpu(tmp_path, tiny_data, 
             "backward on the CPU); use sdpa on CPU") in " ".join(capsys.readouterr().out.split())
 
 
-def test_auto_attention_is_flex_only_to_train_padding_free_on_a_gpu():
+def test_auto_attention_is_flex_only_to_train_padding_free_on_a_gpu_whose_pytorch_has_no_varlen(monkeypatch):
+    from toolkit.model import varlen
+
+    monkeypatch.setattr(varlen, "available", lambda: False)
     gpu, cpu = Accelerator(cuda=True, bf16=True, name="gpu"), Accelerator(cuda=False, bf16=False)
 
     def kernel(device, training, padding_free=True, chosen=None):

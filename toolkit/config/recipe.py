@@ -41,10 +41,11 @@ class ModelSection(Section):
     name: str = Field(description="Hub id, local directory, or builtin:tiny-mllama.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Precision = Field("auto", description="dtype of the frozen base weights; auto follows train.precision.")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention", "varlen"] = Field(
         "auto", description="Attention kernel; flex_attention: text rows only (with train.padding_free it skips the "
-        "pairs of different rows instead of computing and masking them); auto: flex_attention to train padding-free "
-        "on a GPU, sdpa everywhere else.")
+        "pairs of different rows instead of computing and masking them); varlen: PyTorch's variable-length "
+        "FlashAttention, for padding-free training on a GPU (eval, generate and merge use sdpa); auto: varlen to "
+        "train padding-free on a GPU (flex_attention where PyTorch has no varlen), sdpa everywhere else.")
 
 
 class QuantizationSection(Section):

@@ -128,14 +128,23 @@ def model_class(config):
 
 
 def attention_kernel(recipe, device: Accelerator | None, training: bool) -> str:
-    """The attention implementation to load. `auto` picks FlexAttention only to train padding-free batches on a GPU,
-    where it skips the pairs of different rows: on an H100 those steps ran 1.12-1.25x faster than padded ones, while
-    SDPA, given the packed rows' mask, ran them 2.2x slower (docs/benchmarks.md). Everywhere else, SDPA."""
+    """The attention implementation to load. `auto` picks a kernel that skips the pairs of different rows only to
+    train padding-free batches on a GPU: PyTorch's variable-length FlashAttention (`toolkit.model.varlen`), or
+    FlexAttention where PyTorch has no varlen. On an H100 FlexAttention's steps ran 1.12-1.25x faster than padded
+    ones, while SDPA, given the packed rows' mask, ran them 2.2x slower (docs/benchmarks.md). Everywhere else, SDPA;
+    varlen reads no mask, so what pads its batches (eval, generate, merge) loads SDPA even where the recipe names
+    varlen."""
     chosen = recipe.model.attn_implementation
-    if chosen != "auto":
-        return chosen
     packed_on_gpu = training and recipe.train.padding_free and device is not None and device.cuda
-    return "flex_attention" if packed_on_gpu else "sdpa"
+    if chosen == "auto":
+        if not packed_on_gpu:
+            return "sdpa"
+        from toolkit.model import varlen
+
+        return varlen.NAME if varlen.available() else "flex_attention"
+    if chosen == "varlen" and not (training and recipe.train.padding_free):
+        return "sdpa"
+    return chosen
 
 
 def load_model(recipe, precision: str, device: Accelerator, quantize: bool = True, training: bool = False):
@@ -155,13 +164,17 @@ def load_model(recipe, precision: str, device: Accelerator, quantize: bool = Tru
     if bnb is not None:
         kwargs["quantization_config"] = bnb
         kwargs["device_map"] = {"": torch.cuda.current_device() if device.cuda else "cpu"}
+    if attention == "varlen":
+        from toolkit.model import varlen
+
+        varlen.register()
     if attention == "flash_attention_2" and not device.cuda:
         raise ToolkitError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
     try:
         model = model_class(config).from_pretrained(model_location(recipe.model.name), **kwargs)
     except ImportError as err:
         raise ToolkitError(f"cannot load '{recipe.model.name}': {first_line(err)}") from None
-    vision_tower.prepare(model, recipe.data.vision_tiles, attention)
+    vision_tower.prepare(model, recipe.data.vision_tiles, "sdpa" if attention == "varlen" else attention)
     if recipe.quantization.mode == "8bit" and quantize:
         feed_int8_layers_rows(model)
     return model

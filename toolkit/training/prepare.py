@@ -83,6 +83,7 @@ def prepare(recipe, device: Accelerator | None = None) -> Prepared:
     if recipe.model.attn_implementation == "flex_attention" and not device.cuda:
         raise ToolkitError("model.attn_implementation=flex_attention trains on a CUDA GPU only (PyTorch has no "
                            "FlexAttention backward on the CPU); use sdpa on CPU")
+    check_varlen(recipe, device)
     trackers.check_installed(recipe.train.report_to)
     reading.check_files(recipe.data)
     model_config = loading.load_config(recipe.model.name, recipe.model.revision)
@@ -169,6 +170,24 @@ def held_out_rows(recipe) -> list:
     tokenizer = loading.load_tokenizer(recipe.model.name, recipe.model.revision)
     store = datastore.prepare_data(recipe.data, tokenizer, recipe.train.max_seq_length)
     return list(datastore.split_encodings(store, recipe.data, recipe.train.seed)[1].all_rows)
+
+
+def check_varlen(recipe, device: Accelerator) -> None:
+    """`model.attn_implementation: varlen` trains padding-free batches on a CUDA GPU with a PyTorch that has the
+    kernel; refused before anything loads otherwise."""
+    if recipe.model.attn_implementation != "varlen":
+        return
+    import torch
+
+    from toolkit.model import varlen
+
+    if not recipe.train.padding_free:
+        raise ToolkitError("model.attn_implementation=varlen reads padding-free batches only; set "
+                           "train.padding_free: true or use sdpa")
+    if not device.cuda or not varlen.available():
+        raise ToolkitError("model.attn_implementation=varlen trains on a CUDA GPU with PyTorch 2.10 or later "
+                           f"(this machine: {'no CUDA GPU' if not device.cuda else 'torch ' + torch.__version__}); "
+                           "use auto or sdpa")
 
 
 def check_text_only_settings(recipe, image_rows: int) -> None:
