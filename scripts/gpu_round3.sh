@@ -48,6 +48,7 @@ OFF="train.gradient_checkpointing=offload"
 # (warm-up steps included: same batches, same order) can be compared. bf16 pairs compare their first 10.
 LONG="bench.steps=17"
 FLEX="train.padding_free=true model.attn_implementation=flex_attention bench.timeout=150"
+VARLEN="train.padding_free=true model.attn_implementation=varlen"
 PAD="train.padding_free=false"  # recipes/construction.yaml trains padding-free since; these setups measure padding
 
 SETUPS=(
@@ -75,7 +76,12 @@ SETUPS=(
   "8bit-b96-offload-packed-flex: train.batch_size=96 $OFF $FLEX"
   "bf16-b96-offload-packed-flex: $BF train.batch_size=96 $OFF $FLEX"
   "construction-bf16-packed-flex: $BF train.batch_size=32 train.gradient_checkpointing=false $FLEX"
-  "8bit-b48-ckpt-packed-flex (construction.yaml as shipped): $LONG"
+  "8bit-b48-ckpt-packed-flex: $LONG model.attn_implementation=flex_attention bench.timeout=150"
+  "8bit-b48-ckpt-packed (construction.yaml as shipped: attention auto, varlen on a GPU): $LONG"
+  "4bit-b96-offload-packed-varlen: quantization.mode=4bit train.batch_size=96 $OFF $VARLEN"
+  "bf16-b96-offload-packed-varlen: $BF train.batch_size=96 $OFF $VARLEN"
+  "8bit-b96-offload-packed-varlen: train.batch_size=96 $OFF $VARLEN"
+  "construction-bf16-packed-varlen: $BF train.batch_size=32 train.gradient_checkpointing=false $VARLEN"
 )
 # ONLY="name1 name2" runs just those setups (their names before the colon), in the order above: a later GPU call
 # can finish what an earlier one's time limit skipped.
@@ -109,7 +115,11 @@ PAIRS = {"4bit-b64-offload": "4bit-b64-ckpt", "8bit-b48-offload": "8bit-b48-ckpt
          "bf16-b64-ckpt-packed": "bf16-b64-ckpt", "bf16-b64-ckpt-packed-flex": "bf16-b64-ckpt",
          "4bit-b96-offload-packed-flex": "4bit-b96-offload", "4bit-b128-offload-packed-flex": "4bit-b128-offload",
          "8bit-b96-offload-packed-flex": "8bit-b96-offload", "bf16-b96-offload-packed-flex": "bf16-b96-offload",
-         "construction-bf16-packed-flex": "construction-bf16", "8bit-b48-ckpt-packed-flex": "8bit-b48-ckpt"}
+         "construction-bf16-packed-flex": "construction-bf16", "8bit-b48-ckpt-packed-flex": "8bit-b48-ckpt",
+         "8bit-b48-ckpt-packed": "8bit-b48-ckpt", "4bit-b96-offload-packed-varlen": "4bit-b96-offload-packed-flex",
+         "bf16-b96-offload-packed-varlen": "bf16-b96-offload-packed-flex",
+         "8bit-b96-offload-packed-varlen": "8bit-b96-offload-packed-flex",
+         "construction-bf16-packed-varlen": "construction-bf16"}
 
 def loss_gap(new, old):
     same = ("batch", "measured_steps", "warmup_steps", "warmup_lengths")

@@ -114,8 +114,8 @@ def test_varlen_named_by_the_recipe_pads_with_sdpa_where_batches_are_padded():
 
 @pytest.mark.parametrize(("settings", "expected"), [
     (["model.attn_implementation=varlen"],
-     "model.attn_implementation=varlen trains on a CUDA GPU with PyTorch 2.10 or later (this machine: no CUDA "
-     "GPU); use auto or sdpa"),
+     ("model.attn_implementation=varlen trains on a CUDA GPU with PyTorch 2.10 or later (this machine: no CUDA "
+      "GPU); use auto or sdpa")),
     (["model.attn_implementation=varlen", "train.padding_free=false"],
      "model.attn_implementation=varlen reads padding-free batches only; set train.padding_free: true or use sdpa"),
 ])

@@ -25,7 +25,7 @@ NAME = "varlen"
 def available() -> bool:
     """PyTorch has the variable-length FlashAttention function (2.10 and later) and a CUDA GPU to run it."""
     try:
-        import torch.nn.attention.varlen  # noqa: F401
+        import torch.nn.attention.varlen
     except ImportError:
         return False
     return torch.cuda.is_available()
