@@ -549,6 +549,7 @@ def measure(recipe, bench_opts: dict, low: int, high: int, steps: int, warmup: i
         **checkpointing_fields(built, warmup + steps + profile_steps),
         **memory_fields(device, clock, recipe, config, precision, plan, bench_opts.get("image_tiles") or 0),
         "fused_layers": getattr(built, "fused_counts", None),
+        "attention": built.model.config.get_text_config()._attn_implementation,  # what `auto` chose
         "final_loss": next((e["loss"] for e in reversed(built.state.log_history) if "loss" in e), None),
         "device": device.name,
         "precision": precision,
