@@ -89,10 +89,10 @@ def test_varlen_refuses_a_padded_batch():
                                   "sdpa")
 
 
-def kernel(chosen, device, training, padding_free=True):
+def kernel(chosen, device, training, padding_free=True, precision="bf16"):
     recipe = recipe_from_dict({"model": {"name": "builtin:tiny-mllama", "attn_implementation": chosen},
                                "data": {"train": "unused.jsonl"}, "train": {"padding_free": padding_free}})
-    return loading.attention_kernel(recipe, device, training)
+    return loading.attention_kernel(recipe, device, training, precision)
 
 
 def test_auto_attention_is_varlen_to_train_padding_free_on_a_gpu_that_has_it(monkeypatch):
@@ -102,7 +102,8 @@ def test_auto_attention_is_varlen_to_train_padding_free_on_a_gpu_that_has_it(mon
     assert kernel("auto", gpu, training=True, padding_free=False) == "sdpa"
     assert kernel("auto", gpu, training=False) == "sdpa"
     assert kernel("auto", cpu, training=True) == "sdpa"
-    monkeypatch.setattr(varlen, "available", lambda: False)  # a PyTorch before 2.10
+    assert kernel("auto", gpu, training=True, precision="fp32") == "flex_attention"  # FlashAttention: bf16/fp16
+    monkeypatch.setattr(varlen, "available", lambda: False)  # a PyTorch before 2.10, or a GPU before the A100
     assert kernel("auto", gpu, training=True) == "flex_attention"
 
 
@@ -114,8 +115,8 @@ def test_varlen_named_by_the_recipe_pads_with_sdpa_where_batches_are_padded():
 
 @pytest.mark.parametrize(("settings", "expected"), [
     (["model.attn_implementation=varlen"],
-     ("model.attn_implementation=varlen trains on a CUDA GPU with PyTorch 2.10 or later (this machine: no CUDA "
-      "GPU); use auto or sdpa")),
+     ("model.attn_implementation=varlen trains on a CUDA GPU of compute capability 8.0 or later with PyTorch 2.10 "
+      "or later (this machine: no CUDA GPU); use auto or sdpa")),
     (["model.attn_implementation=varlen", "train.padding_free=false"],
      "model.attn_implementation=varlen reads padding-free batches only; set train.padding_free: true or use sdpa"),
 ])
@@ -128,3 +129,17 @@ def test_validate_refuses_varlen_where_it_cannot_train(tmp_path, tiny_data, caps
     args = ["validate", str(recipe)] + [arg for setting in settings for arg in ("--set", setting)]
     assert main(args) == 2
     assert expected in " ".join(capsys.readouterr().out.split())
+
+
+def test_validate_refuses_varlen_in_fp32_on_a_gpu(tmp_path, monkeypatch):
+    from toolkit.training import prepare
+
+    monkeypatch.setattr(varlen, "available", lambda: True)
+    recipe = recipe_from_dict({"model": {"name": "builtin:tiny-mllama", "attn_implementation": "varlen"},
+                               "data": {"train": "unused.jsonl"}, "train": {"padding_free": True}})
+    gpu = Accelerator(cuda=True, bf16=True, name="gpu")
+    prepare.check_varlen(recipe, gpu, "bf16")  # accepted
+    with pytest.raises(ToolkitError) as refused:
+        prepare.check_varlen(recipe, gpu, "fp32")
+    assert str(refused.value) == ("model.attn_implementation=varlen computes in bf16 or fp16 (FlashAttention); "
+                                  "train.precision is fp32: use auto or flex_attention")

@@ -44,8 +44,9 @@ class ModelSection(Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention", "varlen"] = Field(
         "auto", description="Attention kernel; flex_attention: text rows only (with train.padding_free it skips the "
         "pairs of different rows instead of computing and masking them); varlen: PyTorch's variable-length "
-        "FlashAttention, for padding-free training on a GPU (eval, generate and merge use sdpa); auto: varlen to "
-        "train padding-free on a GPU (flex_attention where PyTorch has no varlen), sdpa everywhere else.")
+        "FlashAttention, for padding-free training in bf16/fp16 on a GPU of compute capability 8.0+ (eval, generate "
+        "and merge use sdpa); auto: varlen to train padding-free where it runs, else flex_attention on a GPU, and "
+        "sdpa everywhere else.")
 
 
 class QuantizationSection(Section):

@@ -127,13 +127,13 @@ def model_class(config):
     return AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
 
 
-def attention_kernel(recipe, device: Accelerator | None, training: bool) -> str:
+def attention_kernel(recipe, device: Accelerator | None, training: bool, precision: str | None = None) -> str:
     """The attention implementation to load. `auto` picks a kernel that skips the pairs of different rows only to
     train padding-free batches on a GPU: PyTorch's variable-length FlashAttention (`toolkit.model.varlen`), or
     FlexAttention where PyTorch has no varlen. On an H100 FlexAttention's steps ran 1.12-1.25x faster than padded
     ones, while SDPA, given the packed rows' mask, ran them 2.2x slower (docs/benchmarks.md). Everywhere else, SDPA;
     varlen reads no mask, so what pads its batches (eval, generate, merge) loads SDPA even where the recipe names
-    varlen."""
+    varlen. FlashAttention computes in bf16 or fp16 only, so an fp32 run (`precision`) gets FlexAttention."""
     chosen = recipe.model.attn_implementation
     packed_on_gpu = training and recipe.train.padding_free and device is not None and device.cuda
     if chosen == "auto":
@@ -141,7 +141,7 @@ def attention_kernel(recipe, device: Accelerator | None, training: bool) -> str:
             return "sdpa"
         from toolkit.model import varlen
 
-        return varlen.NAME if varlen.available() else "flex_attention"
+        return varlen.NAME if varlen.available() and precision != "fp32" else "flex_attention"
     if chosen == "varlen" and not (training and recipe.train.padding_free):
         return "sdpa"
     return chosen
@@ -153,7 +153,7 @@ def load_model(recipe, precision: str, device: Accelerator, quantize: bool = Tru
     import torch
 
     config = load_config(recipe.model.name, recipe.model.revision)
-    attention = attention_kernel(recipe, device, training)
+    attention = attention_kernel(recipe, device, training, precision)
     kwargs = {
         "dtype": getattr(torch, base_dtype(recipe.model.dtype, precision)),
         "attn_implementation": attention,

@@ -23,12 +23,13 @@ NAME = "varlen"
 
 
 def available() -> bool:
-    """PyTorch has the variable-length FlashAttention function (2.10 and later) and a CUDA GPU to run it."""
+    """PyTorch has the variable-length FlashAttention function (2.10 and later) and a GPU its FlashAttention runs
+    on (compute capability 8.0 and up: A100, H100 and later)."""
     try:
         import torch.nn.attention.varlen
     except ImportError:
         return False
-    return torch.cuda.is_available()
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
 
 def flash_kernel(query, key, value, starts, longest: int, scale: float | None):

@@ -83,7 +83,7 @@ def prepare(recipe, device: Accelerator | None = None) -> Prepared:
     if recipe.model.attn_implementation == "flex_attention" and not device.cuda:
         raise ToolkitError("model.attn_implementation=flex_attention trains on a CUDA GPU only (PyTorch has no "
                            "FlexAttention backward on the CPU); use sdpa on CPU")
-    check_varlen(recipe, device)
+    check_varlen(recipe, device, precision)
     trackers.check_installed(recipe.train.report_to)
     reading.check_files(recipe.data)
     model_config = loading.load_config(recipe.model.name, recipe.model.revision)
@@ -172,9 +172,9 @@ def held_out_rows(recipe) -> list:
     return list(datastore.split_encodings(store, recipe.data, recipe.train.seed)[1].all_rows)
 
 
-def check_varlen(recipe, device: Accelerator) -> None:
-    """`model.attn_implementation: varlen` trains padding-free batches on a CUDA GPU with a PyTorch that has the
-    kernel; refused before anything loads otherwise."""
+def check_varlen(recipe, device: Accelerator, precision: str) -> None:
+    """`model.attn_implementation: varlen` trains padding-free batches in bf16 or fp16 on a CUDA GPU whose PyTorch
+    has the kernel; refused before anything loads otherwise."""
     if recipe.model.attn_implementation != "varlen":
         return
     import torch
@@ -185,9 +185,13 @@ def check_varlen(recipe, device: Accelerator) -> None:
         raise ToolkitError("model.attn_implementation=varlen reads padding-free batches only; set "
                            "train.padding_free: true or use sdpa")
     if not device.cuda or not varlen.available():
-        raise ToolkitError("model.attn_implementation=varlen trains on a CUDA GPU with PyTorch 2.10 or later "
-                           f"(this machine: {'no CUDA GPU' if not device.cuda else 'torch ' + torch.__version__}); "
-                           "use auto or sdpa")
+        raise ToolkitError("model.attn_implementation=varlen trains on a CUDA GPU of compute capability 8.0 or "
+                           "later with PyTorch 2.10 or later (this machine: "
+                           f"{'no CUDA GPU' if not device.cuda else 'torch ' + torch.__version__ + ' on ' + device.name}"
+                           "); use auto or sdpa")
+    if precision == "fp32":
+        raise ToolkitError("model.attn_implementation=varlen computes in bf16 or fp16 (FlashAttention); "
+                           "train.precision is fp32: use auto or flex_attention")
 
 
 def check_text_only_settings(recipe, image_rows: int) -> None:
