@@ -137,6 +137,7 @@ for r in results:
     entry = {"setup": r["setup"], "error": r.get("error")}
     if "error" not in r:
         entry.update({k: r.get(k) for k in ("quantization", "batch", "checkpointing", "checkpointed_layers", "text_layers",
+                                            "attention",
                                             "real_tok_s", "median_step_s", "peak_gib", "predicted_peak_gib",
                                             "host_pinned_gib", "predicted_host_gib", "host_buffer_allocations",
                                             "prefetched_share")})
@@ -160,7 +161,7 @@ def f(v, fmt):
     return "-" if v is None else format(v, fmt)
 
 print()
-print(f"{'setup':34} {'q':5} {'b':>3} {'ckpt':>10} {'tok/s':>7} {'peak':>5} {'est':>5} {'pinned':>6} {'warm s':>6} "
+print(f"{'setup':34} {'q':5} {'b':>3} {'attention':>14} {'ckpt':>10} {'tok/s':>7} {'peak':>5} {'est':>5} {'pinned':>6} {'warm s':>6} "
       f"{'vs':>16} {'speed':>5} {'loss gap (n)':>13}")
 for e in summary:
     if e["error"]:
@@ -171,7 +172,8 @@ for e in summary:
     if e.get("checkpointed_layers") is not None and e["checkpointed_layers"] != e.get("text_layers"):
         ck += f" {e['checkpointed_layers']}"
     gap = f"{e['loss_gap']:.3%} ({e['losses_compared']})" if e.get("loss_gap") is not None else "-"
-    print(f"{e['setup'][:34]:34} {e['quantization']:5} {e['batch']:>3} {ck:>10} {e['real_tok_s']:>7,.0f} "
+    print(f"{e['setup'][:34]:34} {e['quantization']:5} {e['batch']:>3} {e.get('attention') or '-':>14} {ck:>10} "
+          f"{e['real_tok_s']:>7,.0f} "
           f"{f(e['peak_gib'], '.1f'):>5} {f(e['predicted_peak_gib'], '.1f'):>5} {f(e.get('host_pinned_gib'), '.1f'):>6} "
           f"{e['warmup_s']:>6.1f} {e.get('losses_vs', '-')[:16]:>16} {f(e.get('speed_vs'), '.2f'):>5} {gap:>13}")
 EOF
