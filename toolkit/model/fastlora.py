@@ -297,18 +297,14 @@ def fused_layers(model, *, lora: bool, int8_dequantize: bool, frozen_dense: bool
                 module.forward = make_lora_forward(module, kind)
                 patched.append(module)
                 counts["lora"] += 1
-    if int8_dequantize:
-        for _, module in list(frozen_int8_modules(model)):
+    frozen = ((int8_dequantize, frozen_int8_modules, "8bit", "int8"),
+              (frozen_dense, frozen_dense_modules, "dense", "dense"))
+    for wanted, modules, kind, count in frozen:
+        for _, module in list(modules(model)) if wanted else ():
             if patchable(module):
-                module.forward = make_frozen_forward(module, "8bit")
+                module.forward = make_frozen_forward(module, kind)
                 patched.append(module)
-                counts["int8"] += 1
-    if frozen_dense:
-        for _, module in list(frozen_dense_modules(model)):
-            if patchable(module):
-                module.forward = make_frozen_forward(module, "dense")
-                patched.append(module)
-                counts["dense"] += 1
+                counts[count] += 1
     try:
         yield counts
     finally:
