@@ -362,7 +362,11 @@ BREAKS = [
           "toolkit/model/loading.py", "    if chosen == \"varlen\" and not (training and recipe.train.padding_free):\n",
           "    if False:\n", ("tests/test_varlen.py",)),
     Break("varlen-unchecked", "validate lets varlen through on a CPU and without padding-free batches",
-          "toolkit/training/prepare.py", "    check_varlen(recipe, device, precision)\n", "", ("tests/test_varlen.py",)),
+          "toolkit/training/prepare.py", "    check_attention(recipe, device, precision)\n", "", ("tests/test_varlen.py",)),
+    Break("flex-on-cpu-unchecked", "validate lets flex_attention train on the CPU, which has no FlexAttention "
+          "backward", "toolkit/training/prepare.py",
+          "    if recipe.model.attn_implementation == \"flex_attention\" and not device.cuda:\n",
+          "    if False:\n", ("tests/test_padding_free.py",)),
     Break("varlen-in-fp32", "auto picks varlen for an fp32 run, which FlashAttention cannot compute",
           "toolkit/model/loading.py", "varlen.available() and precision != \"fp32\" else",
           "varlen.available() else", ("tests/test_varlen.py",)),

@@ -138,8 +138,8 @@ def test_validate_refuses_varlen_in_fp32_on_a_gpu(tmp_path, monkeypatch):
     recipe = recipe_from_dict({"model": {"name": "builtin:tiny-mllama", "attn_implementation": "varlen"},
                                "data": {"train": "unused.jsonl"}, "train": {"padding_free": True}})
     gpu = Accelerator(cuda=True, bf16=True, name="gpu")
-    prepare.check_varlen(recipe, gpu, "bf16")  # accepted
+    prepare.check_attention(recipe, gpu, "bf16")  # accepted
     with pytest.raises(ToolkitError) as refused:
-        prepare.check_varlen(recipe, gpu, "fp32")
+        prepare.check_attention(recipe, gpu, "fp32")
     assert str(refused.value) == ("model.attn_implementation=varlen computes in bf16 or fp16 (FlashAttention); "
                                   "train.precision is fp32: use auto or flex_attention")

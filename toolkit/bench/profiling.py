@@ -82,17 +82,19 @@ def summarize_events(events, steps: int) -> dict:
     ranges: dict[str, list[tuple[float, float]]] = defaultdict(list)
     kernels, kinds, syncs = [], defaultdict(float), defaultdict(lambda: [0, 0.0])
     names: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    each: dict[str, list] = defaultdict(lambda: [0, 0.0])  # kernel name -> [calls, time]
+    each: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0.0])  # (kernel name, kind) -> [calls, time]
     for event in events:
         start, stop = event.time_range.start, event.time_range.end
         if event.name in (STEP, OPTIMIZER, FORWARD, TRAINING_STEP) and not is_device_event(event):
             ranges[event.name].append((start, stop))
         elif is_device_event(event):
             kernels.append((start, stop))
-            kinds[kernel_kind(event.name)] += stop - start
-            names[kernel_kind(event.name)][event.name[:80]] += stop - start
-            each[event.name[:120]][0] += 1
-            each[event.name[:120]][1] += stop - start
+            kind = kernel_kind(event.name)
+            kinds[kind] += stop - start
+            names[kind][event.name[:80]] += stop - start
+            entry = each[(event.name[:120], kind)]
+            entry[0] += 1
+            entry[1] += stop - start
         elif event.name.startswith(SYNC_CALLS):
             syncs[event.name.strip()][0] += 1
             syncs[event.name.strip()][1] += stop - start
@@ -117,8 +119,8 @@ def summarize_events(events, steps: int) -> dict:
         "cpu_phase_ms": {label: sum(e - s for s, e in spans) / per_step for label, spans in ranges.items()},
         "syncs_per_step": {k: {"calls": n / steps, "ms": t / per_step} for k, (n, t) in syncs.items()},
         "top_kernels": {kind: sorted(found, key=lambda n: -found[n])[:3] for kind, found in names.items()},
-        "kernels": [{"name": name, "kind": kernel_kind(name), "calls": calls / steps, "ms": time / per_step}
-                    for name, (calls, time) in sorted(each.items(), key=lambda kv: -kv[1][1])[:KERNELS_LISTED]],
+        "kernels": [{"name": name, "kind": kind, "calls": calls / steps, "ms": time / per_step}
+                    for (name, kind), (calls, time) in sorted(each.items(), key=lambda kv: -kv[1][1])[:KERNELS_LISTED]],
     }
 
 

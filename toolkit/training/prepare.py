@@ -80,10 +80,7 @@ def prepare(recipe, device: Accelerator | None = None) -> Prepared:
     device = device or loading.detect_accelerator()
     precision = resolve_precision(recipe.train.precision, device)
     check_kernels(recipe.train, device)
-    if recipe.model.attn_implementation == "flex_attention" and not device.cuda:
-        raise ToolkitError("model.attn_implementation=flex_attention trains on a CUDA GPU only (PyTorch has no "
-                           "FlexAttention backward on the CPU); use sdpa on CPU")
-    check_varlen(recipe, device, precision)
+    check_attention(recipe, device, precision)
     trackers.check_installed(recipe.train.report_to)
     reading.check_files(recipe.data)
     model_config = loading.load_config(recipe.model.name, recipe.model.revision)
@@ -172,9 +169,13 @@ def held_out_rows(recipe) -> list:
     return list(datastore.split_encodings(store, recipe.data, recipe.train.seed)[1].all_rows)
 
 
-def check_varlen(recipe, device: Accelerator, precision: str) -> None:
-    """`model.attn_implementation: varlen` trains padding-free batches in bf16 or fp16 on a CUDA GPU whose PyTorch
-    has the kernel; refused before anything loads otherwise."""
+def check_attention(recipe, device: Accelerator, precision: str) -> None:
+    """The attention kernels that train on a GPU only, refused before anything loads where they cannot:
+    `flex_attention` on the CPU, and `varlen` anywhere but padding-free batches in bf16 or fp16 on a CUDA GPU whose
+    PyTorch has the kernel."""
+    if recipe.model.attn_implementation == "flex_attention" and not device.cuda:
+        raise ToolkitError("model.attn_implementation=flex_attention trains on a CUDA GPU only (PyTorch has no "
+                           "FlexAttention backward on the CPU); use sdpa on CPU")
     if recipe.model.attn_implementation != "varlen":
         return
     import torch
