@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import time
 
 import torch
@@ -50,7 +51,8 @@ def main() -> None:
     g = torch.randn(N, O, device=dev, dtype=dt)
 
     def fused(module, p):
-        return module.LoraLinearFunction.apply(x, a, b, layer, "dense", S, p)
+        extra = ("none",) if "fp8_mode" in inspect.signature(module.LoraLinearFunction.forward).parameters else ()
+        return module.LoraLinearFunction.apply(x, a, b, layer, "dense", S, p, *extra)
 
     print(f"{'code':4} {'p':>5} {'fwd ms':>7} {'fwd+bwd ms':>10} {'base matmul ms':>14}   (N={N}, {D}->{O}, r={R})")
     for p in (0.0, P):

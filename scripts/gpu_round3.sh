@@ -82,6 +82,13 @@ SETUPS=(
   "bf16-b96-offload-packed-varlen: $BF train.batch_size=96 $OFF $VARLEN"
   "8bit-b96-offload-packed-varlen: train.batch_size=96 $OFF $VARLEN"
   "construction-bf16-packed-varlen: $BF train.batch_size=32 train.gradient_checkpointing=false $VARLEN"
+  "4bit-b96-offload-packed-varlen-long: quantization.mode=4bit train.batch_size=96 $OFF $VARLEN $LONG"
+  "4bit-b96-offload-packed-varlen-fp8all: quantization.mode=4bit train.batch_size=96 $OFF $VARLEN $LONG train.fp8_matmuls=all"
+  "bf16-b96-offload-packed-varlen-fp8all: $BF train.batch_size=96 $OFF $VARLEN train.fp8_matmuls=all"
+  "4bit-b96-offload-packed-varlen-fp8fwd: quantization.mode=4bit train.batch_size=96 $OFF $VARLEN $LONG train.fp8_matmuls=forward"
+  "8bit-b48-ckpt-packed-fp8all: $LONG train.fp8_matmuls=all"
+  "bf16-b96-offload-auto40-packed-varlen-fp8all: $BF train.batch_size=96 $OFF train.checkpoint_layers=auto train.memory_budget_gib=40 $VARLEN train.fp8_matmuls=all"
+  "bf16-b96-offload-auto40-packed-varlen: $BF train.batch_size=96 $OFF train.checkpoint_layers=auto train.memory_budget_gib=40 $VARLEN"
 )
 # ONLY="name1 name2" runs just those setups (their names before the colon), in the order above: a later GPU call
 # can finish what an earlier one's time limit skipped.
@@ -119,7 +126,12 @@ PAIRS = {"4bit-b64-offload": "4bit-b64-ckpt", "8bit-b48-offload": "8bit-b48-ckpt
          "8bit-b48-ckpt-packed": "8bit-b48-ckpt", "4bit-b96-offload-packed-varlen": "4bit-b96-offload-packed-flex",
          "bf16-b96-offload-packed-varlen": "bf16-b96-offload-packed-flex",
          "8bit-b96-offload-packed-varlen": "8bit-b96-offload-packed-flex",
-         "construction-bf16-packed-varlen": "construction-bf16"}
+         "construction-bf16-packed-varlen": "construction-bf16",
+         "4bit-b96-offload-packed-varlen-fp8fwd": "4bit-b96-offload-packed-varlen-long",
+         "4bit-b96-offload-packed-varlen-fp8all": "4bit-b96-offload-packed-varlen-long",
+         "bf16-b96-offload-packed-varlen-fp8all": "bf16-b96-offload-packed-varlen",
+         "8bit-b48-ckpt-packed-fp8all": "8bit-b48-ckpt-packed",
+         "bf16-b96-offload-auto40-packed-varlen-fp8all": "bf16-b96-offload-auto40-packed-varlen"}
 
 def loss_gap(new, old):
     same = ("batch", "measured_steps", "warmup_steps", "warmup_lengths")
@@ -161,18 +173,18 @@ def f(v, fmt):
     return "-" if v is None else format(v, fmt)
 
 print()
-print(f"{'setup':34} {'q':5} {'b':>3} {'attention':>14} {'ckpt':>10} {'tok/s':>7} {'peak':>5} {'est':>5} {'pinned':>6} {'warm s':>6} "
+print(f"{'setup':46} {'q':5} {'b':>3} {'attention':>14} {'ckpt':>10} {'tok/s':>7} {'peak':>5} {'est':>5} {'pinned':>6} {'warm s':>6} "
       f"{'vs':>16} {'speed':>5} {'loss gap (n)':>13}")
 for e in summary:
     if e["error"]:
-        print(f"{e['setup'][:34]:34} {e['error'][:110]}")
+        print(f"{e['setup'][:46]:46} {e['error'][:110]}")
         continue
     ck = e["checkpointing"]
     ck = "offload" if ck == "offload" else "yes" if ck else "no"
     if e.get("checkpointed_layers") is not None and e["checkpointed_layers"] != e.get("text_layers"):
         ck += f" {e['checkpointed_layers']}"
     gap = f"{e['loss_gap']:.3%} ({e['losses_compared']})" if e.get("loss_gap") is not None else "-"
-    print(f"{e['setup'][:34]:34} {e['quantization']:5} {e['batch']:>3} {e.get('attention') or '-':>14} {ck:>10} "
+    print(f"{e['setup'][:46]:46} {e['quantization']:5} {e['batch']:>3} {e.get('attention') or '-':>14} {ck:>10} "
           f"{e['real_tok_s']:>7,.0f} "
           f"{f(e['peak_gib'], '.1f'):>5} {f(e['predicted_peak_gib'], '.1f'):>5} {f(e.get('host_pinned_gib'), '.1f'):>6} "
           f"{e['warmup_s']:>6.1f} {e.get('losses_vs', '-')[:16]:>16} {f(e.get('speed_vs'), '.2f'):>5} {gap:>13}")
@@ -187,7 +199,7 @@ print("slowest measured step per setup: s (median s), padded length, new pinned 
 for e in json.loads((Path(sys.argv[1]) / "summary.json").read_text()):
     s = e.get("slowest")
     if s:
-        print(f"{e['setup'][:34]:34} step {s['step']:>2}: {s['s']:.2f} ({s['median_s']:.2f}) len {s['length']} "
+        print(f"{e['setup'][:46]:46} step {s['step']:>2}: {s['s']:.2f} ({s['median_s']:.2f}) len {s['length']} "
               f"pinned {s.get('step_host_allocs', '-')} segments {s.get('step_new_segments', '-')} "
               f"retries {s.get('step_alloc_retries', '-')} gc {s.get('step_gc_s', 0):.2f}")
 EOF

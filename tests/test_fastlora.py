@@ -109,7 +109,7 @@ def test_dropout_mask_of_backward_is_the_mask_of_forward():
 
     def fused(x, a, b):
         torch.manual_seed(0)
-        return fastlora.LoraLinearFunction.apply(x, a, b, layer, "dense", 0.7, 0.5)
+        return fastlora.LoraLinearFunction.apply(x, a, b, layer, "dense", 0.7, 0.5, "none")
 
     assert torch.autograd.gradcheck(fused, (x, a, b))
     torch.manual_seed(0)
@@ -205,7 +205,7 @@ def test_rebuilding_a_mask_leaves_the_generator_where_it_was():
     a = torch.randn(3, 6, requires_grad=True)
     b = torch.randn(5, 3, requires_grad=True)
     torch.manual_seed(0)
-    out = fastlora.LoraLinearFunction.apply(x, a, b, layer, "dense", 0.7, 0.5)
+    out = fastlora.LoraLinearFunction.apply(x, a, b, layer, "dense", 0.7, 0.5, "none")
     torch.rand(7)  # something else draws between forward and backward
     before = torch.get_rng_state()
     out.sum().backward()

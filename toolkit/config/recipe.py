@@ -203,6 +203,11 @@ class TrainSection(Section):
     liger_kernel: bool = Field(False, description="Use Liger's fused kernels (GPU, needs liger-kernel).")
     fused_lora: bool = Field(True, description="Run each LoRA layer as one autograd function that keeps only "
                              "its input (toolkit.model.fastlora); false: PEFT's own layers.")
+    fp8_matmuls: Literal["none", "forward", "all"] = Field(
+        "none", description="Multiply activations by the frozen base weights in FP8 (e4m3, one scale per row; "
+        "toolkit.model.fp8) inside the self-attention decoder layers: forward: the forward pass and its "
+        "recomputation; all: the input gradients of backward too. Faster, slightly less exact; adapters, attention "
+        "and the LM head stay in train.precision. bf16 on a GPU of compute capability 8.9+ (H100, L40S, ...).")
     token_metrics: bool = Field(False, description="Log TRL's per-step entropy and token accuracy (costs a "
                                 "device sync per micro-batch).")
     logging_steps: int = Field(10, gt=0, le=MAX_COUNT)

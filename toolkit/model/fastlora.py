@@ -30,6 +30,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from toolkit.model import fp8 as fp8_matmuls
+
 INT8_SCALE = 1.0 / 127.0  # LLM.int8() stores each row as round(w / max|row| * 127) with max|row| in SCB
 
 
@@ -95,6 +97,21 @@ def frozen_bias(layer, dtype):
     return None if layer.bias is None else layer.bias.to(dtype)
 
 
+def base_product(source: torch.Tensor, flat: torch.Tensor, layer, kind: str, dtype, fp8_mode: str) -> torch.Tensor:
+    """`flat @ W^T + b` for the frozen base layer, through FP8 unless `fp8_mode` is none (`source`: the tensor
+    `flat` was reshaped from, by which q, k and v share one quantization of their common input)."""
+    weight, bias = dense_weight(layer, kind, dtype), frozen_bias(layer, dtype)
+    if fp8_mode == "none":
+        return F.linear(flat, weight, bias)
+    return fp8_matmuls.linear(flat, weight, bias, rows=fp8_matmuls.LAST_INPUT.get(source, flat))
+
+
+def base_input_grad(grad: torch.Tensor, layer, kind: str, dtype, fp8_mode: str) -> torch.Tensor:
+    """`grad @ W` for a 2-D `grad`, through FP8 when `fp8_mode` is all."""
+    weight = dense_weight(layer, kind, dtype)
+    return fp8_matmuls.input_grad(grad, weight) if fp8_mode == "all" else grad @ weight
+
+
 # ---- dropout whose mask is rebuilt, not stored ----
 
 
@@ -140,14 +157,18 @@ class FrozenLinearFunction(torch.autograd.Function):
     the input nor a view of the weight, so autograd sees nothing saved."""
 
     @staticmethod
-    def forward(ctx, x, layer, kind):
+    def forward(ctx, x, layer, kind, fp8_mode):
         dtype = compute_dtype(x)
-        ctx.layer, ctx.kind, ctx.dtype = layer, kind, dtype
-        return F.linear(x.to(dtype), dense_weight(layer, kind, dtype), frozen_bias(layer, dtype))
+        ctx.layer, ctx.kind, ctx.dtype, ctx.fp8_mode = layer, kind, dtype, fp8_mode
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        out = base_product(x, flat, layer, kind, dtype, fp8_mode)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.to(ctx.dtype) @ dense_weight(ctx.layer, ctx.kind, ctx.dtype), None, None
+        g = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
+        grad_x = base_input_grad(g, ctx.layer, ctx.kind, ctx.dtype, ctx.fp8_mode)
+        return grad_x.view(*grad.shape[:-1], grad_x.shape[-1]), None, None, None
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -160,10 +181,10 @@ class LoraLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, layer, kind, scale, p):
+    def forward(ctx, x, lora_a, lora_b, layer, kind, scale, p, fp8_mode):
         dtype = compute_dtype(x)
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
-        out = F.linear(flat, dense_weight(layer, kind, dtype), frozen_bias(layer, dtype))
+        out = base_product(x, flat, layer, kind, dtype, fp8_mode)
         state = None
         dropped = flat
         if p > 0:
@@ -173,6 +194,7 @@ class LoraLinearFunction(torch.autograd.Function):
         out.addmm_(u, lora_b.to(dtype).t(), alpha=scale)
         ctx.save_for_backward(x, u, lora_a, lora_b)
         ctx.layer, ctx.kind, ctx.dtype, ctx.scale, ctx.p, ctx.state = layer, kind, dtype, scale, p, state
+        ctx.fp8_mode = fp8_mode
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -190,14 +212,16 @@ class LoraLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_a = (gu.t() @ dropped).to(lora_a.dtype)
         if ctx.needs_input_grad[0]:
-            weight = dense_weight(ctx.layer, ctx.kind, dtype)
             if mask is None:
-                grad_x = (g @ weight).addmm_(gu, a)
+                grad_x = base_input_grad(g, ctx.layer, ctx.kind, dtype, ctx.fp8_mode).addmm_(gu, a)
             else:
                 adapter = torch.ops.aten.native_dropout_backward(gu @ a, mask, 1.0 / (1.0 - p))
-                grad_x = torch.addmm(adapter, g, weight)
+                if ctx.fp8_mode == "all":
+                    grad_x = base_input_grad(g, ctx.layer, ctx.kind, dtype, ctx.fp8_mode).add_(adapter)
+                else:
+                    grad_x = torch.addmm(adapter, g, dense_weight(ctx.layer, ctx.kind, dtype))
             grad_x = grad_x.view(x.shape).to(x.dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
 # ---- installing them ----
@@ -226,7 +250,7 @@ def repacked(layer, kind: str) -> bool:
     return kind == "4bit" and getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
 
 
-def make_lora_forward(module, kind: str):
+def make_lora_forward(module, kind: str, fp8_mode: str = "none"):
     peft_forward = module.forward
     base = module.get_base_layer()
 
@@ -235,19 +259,19 @@ def make_lora_forward(module, kind: str):
         if adapter is None or (base.bias is not None and base.bias.requires_grad) or repacked(base, kind):
             return peft_forward(x, *args, **kwargs)
         return LoraLinearFunction.apply(x, module.lora_A[adapter].weight, module.lora_B[adapter].weight, base, kind,
-                                        module.scaling[adapter], lora_dropout_p(module, adapter))
+                                        module.scaling[adapter], lora_dropout_p(module, adapter), fp8_mode)
 
     return forward
 
 
-def make_frozen_forward(module, kind: str):
+def make_frozen_forward(module, kind: str, fp8_mode: str = "none"):
     own_forward = module.forward
 
     def forward(x, *args, **kwargs):
         if args or kwargs or not torch.is_grad_enabled() or module.weight.requires_grad or \
                 (module.bias is not None and module.bias.requires_grad):
             return own_forward(x, *args, **kwargs)
-        return FrozenLinearFunction.apply(x, module, kind)
+        return FrozenLinearFunction.apply(x, module, kind, fp8_mode)
 
     return forward
 
@@ -284,41 +308,82 @@ def patchable(module) -> bool:
     return "forward" not in vars(module) and not hasattr(module, "_hf_hook")
 
 
+def fp8_scope(layers, fp8_mode: str):
+    """A test for which modules multiply in FP8: the linear layers inside `layers` (the decoder's self-attention
+    layers: not the LM head, whose logits the loss reads directly, nor the vision tower) whose weight shape
+    `torch._scaled_mm` takes."""
+    inside = set() if fp8_mode == "none" else {id(m) for layer in layers or () for m in layer.modules()}
+
+    def mode(module) -> str:
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        shape_ok = fp8_matmuls.fits(getattr(base, "in_features", 1), getattr(base, "out_features", 1))
+        return fp8_mode if id(module) in inside and shape_ok else "none"
+
+    return mode
+
+
 @contextmanager
-def fused_layers(model, *, lora: bool, int8_dequantize: bool, frozen_dense: bool = False):
+def fused_layers(model, *, lora: bool, int8_dequantize: bool, frozen_dense: bool = False, fp8: str = "none",
+                 fp8_layers=None):
     """Run LoRA layers (`lora`), bitsandbytes 8-bit layers (`int8_dequantize`) and frozen dense linear layers
-    (`frozen_dense`) through the functions above for the duration of the block; returns how many modules of each
-    were switched."""
+    (`frozen_dense`) through the functions above for the duration of the block, those inside `fp8_layers` with
+    their frozen matmuls in FP8 (`fp8`: forward, or all, the input gradient too); returns how many modules of each
+    were switched ("fp8": how many of those multiply in FP8)."""
     patched = []
-    counts = {"lora": 0, "int8": 0, "dense": 0}
+    counts = {"lora": 0, "int8": 0, "dense": 0, "fp8": 0}
+    mode = fp8_scope(fp8_layers, fp8)
+
+    def switch(module, make, kind, count):
+        module.forward = make(module, kind, mode(module))
+        patched.append(module)
+        counts[count] += 1
+        counts["fp8"] += mode(module) != "none"
+
     if lora:
         for _, module, kind in list(lora_linear_modules(model)):
             if (kind != "8bit" or int8_dequantize) and patchable(module):
-                module.forward = make_lora_forward(module, kind)
-                patched.append(module)
-                counts["lora"] += 1
+                switch(module, make_lora_forward, kind, "lora")
     frozen = ((int8_dequantize, frozen_int8_modules, "8bit", "int8"),
               (frozen_dense, frozen_dense_modules, "dense", "dense"))
     for wanted, modules, kind, count in frozen:
         for _, module in list(modules(model)) if wanted else ():
             if patchable(module):
-                module.forward = make_frozen_forward(module, kind)
-                patched.append(module)
-                counts[count] += 1
+                switch(module, make_frozen_forward, kind, count)
     try:
         yield counts
     finally:
+        fp8_matmuls.LAST_INPUT.clear()
         for module in patched:
             del module.forward
 
 
-def paths_on(recipe, strategy: str = "ddp") -> dict[str, bool]:
+def paths_on(recipe, strategy: str = "ddp") -> dict:
     """Which layers this module runs for a recipe: its LoRA layers (`train.fused_lora`), its 8-bit layers
-    (`quantization.int8_matmul: dequantize`) and, with gradient checkpointing, frozen dense layers (a recomputation
-    saved; nothing else changes). All read whole weights, so they run only where every process holds them (one
-    process or DDP); under FSDP and ZeRO-3 PEFT's, bitsandbytes' and PyTorch's own layers run. `lora.upcast_inputs`
+    (`quantization.int8_matmul: dequantize`), frozen dense layers with gradient checkpointing (a recomputation
+    saved; nothing else changes) or FP8 matmuls (they are where the FP8 product runs), and `train.fp8_matmuls`. All
+    read whole weights, so they run only where every process holds them (one process or DDP); under FSDP and ZeRO-3
+    PEFT's, bitsandbytes' and PyTorch's own layers run (and `check_fp8` refuses FP8 there). `lora.upcast_inputs`
     asks for PEFT's casting, which only PEFT's layers do. Training and the memory plan both ask here."""
     replicated = strategy == "ddp"
+    fp8 = recipe.train.fp8_matmuls if replicated else "none"
     return {"lora": replicated and recipe.train.fused_lora and not recipe.lora.upcast_inputs,
             "int8_dequantize": replicated and recipe.quantization.int8_matmul == "dequantize",
-            "frozen_dense": replicated and bool(recipe.train.gradient_checkpointing)}
+            "frozen_dense": replicated and (bool(recipe.train.gradient_checkpointing) or fp8 != "none"),
+            "fp8": fp8}
+
+
+def fp8_problem(recipe, strategy: str = "ddp") -> str | None:
+    """Why `train.fp8_matmuls` cannot run as asked, or None: FP8 runs inside this module's layers only, so it needs
+    them for the adapted layers too and whole weights in every process."""
+    if recipe.train.fp8_matmuls == "none":
+        return None
+    key = f"train.fp8_matmuls={recipe.train.fp8_matmuls}"
+    if strategy != "ddp":
+        return f"{key} needs whole weights in every process; {strategy} shards them: set it to none"
+    if not recipe.train.fused_lora:
+        return f"{key} runs inside the toolkit's LoRA layers; set train.fused_lora: true or fp8_matmuls: none"
+    if recipe.lora.upcast_inputs:
+        return f"{key} runs inside the toolkit's LoRA layers, which lora.upcast_inputs turns off; set one of them off"
+    if recipe.quantization.mode == "8bit" and recipe.quantization.int8_matmul != "dequantize":
+        return f"{key} needs quantization.int8_matmul: dequantize (LLM.int8() runs its own matmul)"
+    return None

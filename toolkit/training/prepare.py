@@ -81,6 +81,7 @@ def prepare(recipe, device: Accelerator | None = None) -> Prepared:
     precision = resolve_precision(recipe.train.precision, device)
     check_kernels(recipe.train, device)
     check_attention(recipe, device, precision)
+    check_fp8(recipe, device, precision)
     trackers.check_installed(recipe.train.report_to)
     reading.check_files(recipe.data)
     model_config = loading.load_config(recipe.model.name, recipe.model.revision)
@@ -193,6 +194,29 @@ def check_attention(recipe, device: Accelerator, precision: str) -> None:
     if precision == "fp32":
         raise ToolkitError("model.attn_implementation=varlen computes in bf16 or fp16 (FlashAttention); "
                            "train.precision is fp32: use auto or flex_attention")
+
+
+def check_fp8(recipe, device: Accelerator, precision: str) -> None:
+    """`train.fp8_matmuls` refused before anything loads where FP8 matmuls cannot run: no GPU of compute capability
+    8.9 or later, or a precision other than bf16 (the products are written in bf16)."""
+    mode = recipe.train.fp8_matmuls
+    if mode == "none":
+        return
+    import torch
+
+    from toolkit.model import fastlora, fp8
+
+    if not device.cuda or not fp8.available():
+        where = "no CUDA GPU" if not device.cuda else f"{device.name}, compute capability " + \
+            ".".join(map(str, torch.cuda.get_device_capability()))
+        raise ToolkitError(f"train.fp8_matmuls={mode} needs a CUDA GPU of compute capability 8.9 or later "
+                           f"(H100, H200, L40S, ...); this machine: {where}; set it to none")
+    if precision != "bf16":
+        raise ToolkitError(f"train.fp8_matmuls={mode} writes its products in bf16; train.precision is {precision}: "
+                           "use bf16 or auto, or set fp8_matmuls: none")
+    problem = fastlora.fp8_problem(recipe)
+    if problem:
+        raise ToolkitError(problem)
 
 
 def check_text_only_settings(recipe, image_rows: int) -> None:

@@ -13,6 +13,7 @@ import math
 from transformers import TrainerCallback
 
 from toolkit.config.translate import to_sft_config
+from toolkit.errors import ToolkitError
 from toolkit.model import fastlora, loading, lora, vision_tower
 from toolkit.training import activations, compiling, distributed
 from toolkit.ui.report import progress_bar
@@ -53,9 +54,13 @@ def run_training(trainer, recipe, precision: str, strategy: str = "ddp", resume_
     activations.check_strategy(recipe.train, strategy)
     checkpointing = activations.callback_for(recipe.train)
     compiled = compiling.compile_layers(trainer.model) if recipe.train.compile else []
+    problem = fastlora.fp8_problem(recipe, strategy)
+    if problem:
+        raise ToolkitError(problem)
     fused = fastlora.paths_on(recipe, strategy)
+    fp8_layers = activations.text_decoder_layers(trainer.model) if fused["fp8"] != "none" else None
     with lora.training_casts(trainer.model, precision, recipe.lora.upcast_inputs, strategy), \
-            fastlora.fused_layers(trainer.model, **fused) as counts:
+            fastlora.fused_layers(trainer.model, **fused, fp8_layers=fp8_layers) as counts:
         trainer.fused_counts = counts
         trainer.checkpointing = checkpointing
         if checkpointing is not None:

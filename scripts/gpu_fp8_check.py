@@ -1,0 +1,84 @@
+"""GPU check of `toolkit.model.fp8`: the Triton row quantizer against the PyTorch reference, the FP8 products' error
+against bf16, and their speed at the shapes of the 11B model's layers.
+
+    python3 scripts/gpu_fp8_check.py [--tokens 21504]
+
+Needs a CUDA GPU of compute capability 8.9+ with Triton (PyTorch's CUDA wheels bring it). Prints three short tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from toolkit.model import fp8
+
+SHAPES = ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))  # (in, out): q/o, k/v, gate/up, down
+
+
+def timed(fn, repeats: int = 20) -> float:
+    """Median milliseconds of `fn` on the GPU."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def check_quantizer(tokens: int) -> None:
+    print(f"{'rows x cols':>14} {'bytes equal':>12} {'scale rel diff':>15} {'dequant rel err':>16}")
+    for rows, cols in ((tokens, 4096), (tokens, 14336), (14336, 4096), (1, 4096), (37, 1024)):
+        x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16) * torch.rand(rows, 1, device="cuda") * 10
+        q, scale = fp8.quantize_rows(x)
+        ref_q, ref_scale = fp8.reference_rows(x)
+        equal = (q.view(torch.uint8) == ref_q.view(torch.uint8)).float().mean().item()
+        scale_diff = ((scale - ref_scale).abs() / ref_scale).max().item()
+        err = relative(q.float() * scale, x)
+        print(f"{rows:>7}x{cols:<6} {equal:>12.6f} {scale_diff:>15.2e} {err:>16.2e}")
+
+
+def check_products(tokens: int) -> None:
+    print(f"\n{'in->out':>12} {'bf16 ms':>8} {'fp8 ms':>7} {'fp8 shared-x ms':>16} {'quant x ms':>10} "
+          f"{'rel err':>8} | {'dgrad bf16':>10} {'dgrad fp8':>9} {'rel err':>8}")
+    for d_in, d_out in SHAPES:
+        x = torch.randn(tokens, d_in, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16) / d_in ** 0.5
+        g = torch.randn(tokens, d_out, device="cuda", dtype=torch.bfloat16)
+        rows = fp8.quantize_rows(x)
+        bf16 = timed(lambda: F.linear(x, w))
+        full = timed(lambda: fp8.linear(x, w))
+        shared = timed(lambda: fp8.linear(x, w, rows=rows))
+        quant = timed(lambda: fp8.quantize_rows(x))
+        err = relative(fp8.linear(x, w), F.linear(x, w))
+        dgrad_bf16 = timed(lambda: g @ w)
+        dgrad_fp8 = timed(lambda: fp8.input_grad(g, w))
+        dgrad_err = relative(fp8.input_grad(g, w), g @ w)
+        print(f"{d_in:>5}->{d_out:<6} {bf16:>8.3f} {full:>7.3f} {shared:>16.3f} {quant:>10.3f} {err:>8.2e} | "
+              f"{dgrad_bf16:>10.3f} {dgrad_fp8:>9.3f} {dgrad_err:>8.2e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=21504)  # batch 96 of rows averaging 224 tokens
+    args = parser.parse_args()
+    assert fp8.available(), "needs a GPU of compute capability 8.9+"
+    assert fp8.triton_rows_kernel() is not None, "needs Triton"
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.tokens} tokens\n")
+    check_quantizer(args.tokens)
+    check_products(args.tokens)
+
+
+if __name__ == "__main__":
+    main()
