@@ -181,6 +181,30 @@ def test_a_lora_layer_multiplies_its_base_in_fp8_forward_and_in_backward_only_wh
     assert not torch.allclose(grad_fp8, grad_bf16, atol=1e-3)
 
 
+def test_frozen_4bit_layers_multiply_in_fp8_and_stay_with_bitsandbytes_otherwise():
+    """The MLP of a 4-bit model with LoRA on attention is frozen 4-bit layers: with FP8 they run dequantized through
+    the FP8 product (and keep nothing); without it bitsandbytes' own layer runs, as before."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_functional
+
+    from tests.test_fastlora import OneLayer
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(32, 16, bias=False, compute_dtype=torch.bfloat16)
+    layer.load_state_dict({"weight": torch.randn(16, 32)})
+    model = OneLayer(layer.to("cpu"))
+    x = torch.randn(2, 6, 32, dtype=torch.bfloat16, requires_grad=True)
+    with fastlora.fused_layers(model, lora=False, int8_dequantize=False, fp8="forward", fp8_layers=[model]) as counts:
+        out = model(x)
+        out.sum().backward()
+    weight = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+    assert counts["nf4"] == 1 and counts["fp8"] == 1
+    assert torch.equal(out.reshape(-1, 16), fp8.linear(x.detach().reshape(-1, 32), weight))
+    assert torch.allclose(x.grad.reshape(-1, 32), torch.ones(12, 16, dtype=torch.bfloat16) @ weight)
+    with fastlora.fused_layers(model, lora=False, int8_dequantize=False) as counts:
+        assert counts["nf4"] == 0 and "forward" not in vars(layer)
+
+
 def fp8_recipe(**train):
     return recipe_from_dict({"model": {"name": "builtin:tiny-mllama"}, "data": {"train": "unused.jsonl"},
                              "train": {"fp8_matmuls": "forward", **train}})

@@ -269,7 +269,7 @@ def make_frozen_forward(module, kind: str, fp8_mode: str = "none"):
 
     def forward(x, *args, **kwargs):
         if args or kwargs or not torch.is_grad_enabled() or module.weight.requires_grad or \
-                (module.bias is not None and module.bias.requires_grad):
+                (module.bias is not None and module.bias.requires_grad) or repacked(module, kind):
             return own_forward(x, *args, **kwargs)
         return FrozenLinearFunction.apply(x, module, kind, fp8_mode)
 
@@ -292,6 +292,14 @@ def frozen_int8_modules(model):
     forward still calls its base layer)."""
     for name, module in model.named_modules():
         if weight_kind(module) == "8bit":
+            yield name, module
+
+
+def frozen_4bit_modules(model):
+    """(name, module) for every bitsandbytes 4-bit layer, adapted or not; switched only for FP8 (bitsandbytes' own
+    4-bit matmul already dequantizes and keeps nothing, so otherwise there is nothing to gain)."""
+    for name, module in model.named_modules():
+        if weight_kind(module) == "4bit":
             yield name, module
 
 
@@ -325,12 +333,12 @@ def fp8_scope(layers, fp8_mode: str):
 @contextmanager
 def fused_layers(model, *, lora: bool, int8_dequantize: bool, frozen_dense: bool = False, fp8: str = "none",
                  fp8_layers=None):
-    """Run LoRA layers (`lora`), bitsandbytes 8-bit layers (`int8_dequantize`) and frozen dense linear layers
-    (`frozen_dense`) through the functions above for the duration of the block, those inside `fp8_layers` with
-    their frozen matmuls in FP8 (`fp8`: forward, or all, the input gradient too); returns how many modules of each
-    were switched ("fp8": how many of those multiply in FP8)."""
+    """Run LoRA layers (`lora`), bitsandbytes 8-bit layers (`int8_dequantize`), frozen dense linear layers
+    (`frozen_dense`) and, with FP8, bitsandbytes 4-bit layers through the functions above for the duration of the
+    block, those inside `fp8_layers` with their frozen matmuls in FP8 (`fp8`: forward, or all, the input gradient
+    too); returns how many modules of each were switched ("fp8": how many of those multiply in FP8)."""
     patched = []
-    counts = {"lora": 0, "int8": 0, "dense": 0, "fp8": 0}
+    counts = {"lora": 0, "int8": 0, "nf4": 0, "dense": 0, "fp8": 0}
     mode = fp8_scope(fp8_layers, fp8)
 
     def switch(module, make, kind, count):
@@ -344,6 +352,7 @@ def fused_layers(model, *, lora: bool, int8_dequantize: bool, frozen_dense: bool
             if (kind != "8bit" or int8_dequantize) and patchable(module):
                 switch(module, make_lora_forward, kind, "lora")
     frozen = ((int8_dequantize, frozen_int8_modules, "8bit", "int8"),
+              (fp8 != "none", frozen_4bit_modules, "4bit", "nf4"),
               (frozen_dense, frozen_dense_modules, "dense", "dense"))
     for wanted, modules, kind, count in frozen:
         for _, module in list(modules(model)) if wanted else ():
