@@ -77,7 +77,7 @@ SETUPS=(
   "bf16-b96-offload-packed-flex: $BF train.batch_size=96 $OFF $FLEX"
   "construction-bf16-packed-flex: $BF train.batch_size=32 train.gradient_checkpointing=false $FLEX"
   "8bit-b48-ckpt-packed-flex: $LONG model.attn_implementation=flex_attention bench.timeout=150"
-  "8bit-b48-ckpt-packed (construction.yaml as shipped: attention auto, varlen on a GPU): $LONG"
+  "8bit-b48-ckpt-packed (construction.yaml as shipped, attention auto = varlen on a GPU): $LONG"
   "4bit-b96-offload-packed-varlen: quantization.mode=4bit train.batch_size=96 $OFF $VARLEN"
   "bf16-b96-offload-packed-varlen: $BF train.batch_size=96 $OFF $VARLEN"
   "8bit-b96-offload-packed-varlen: train.batch_size=96 $OFF $VARLEN"
@@ -88,6 +88,9 @@ SETUPS=(
   "4bit-b96-offload-packed-varlen-fp8fwd: quantization.mode=4bit train.batch_size=96 $OFF $VARLEN $LONG train.fp8_matmuls=forward"
   "8bit-b48-ckpt-packed-fp8all: $LONG train.fp8_matmuls=all"
   "bf16-b96-offload-auto40-packed-varlen-fp8all: $BF train.batch_size=96 $OFF train.checkpoint_layers=auto train.memory_budget_gib=40 $VARLEN train.fp8_matmuls=all"
+  "bf16-b128-offload-auto40-packed-varlen-fp8all: $BF train.batch_size=128 $OFF train.checkpoint_layers=auto train.memory_budget_gib=40 $VARLEN train.fp8_matmuls=all"
+  "bf16-b160-offload-auto40-packed-varlen-fp8all: $BF train.batch_size=160 $OFF train.checkpoint_layers=auto train.memory_budget_gib=40 $VARLEN train.fp8_matmuls=all"
+  "bf16-b128-offload-packed-varlen-fp8all: $BF train.batch_size=128 $OFF $VARLEN train.fp8_matmuls=all"
   "bf16-b96-offload-auto40-packed-varlen: $BF train.batch_size=96 $OFF train.checkpoint_layers=auto train.memory_budget_gib=40 $VARLEN"
 )
 # ONLY="name1 name2" runs just those setups (their names before the colon), in the order above: a later GPU call
