@@ -18,15 +18,15 @@ from toolkit.model import fp8
 SHAPES = ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))  # (in, out): q/o, k/v, gate/up, down
 
 
-def timed(fn, repeats: int = 20) -> float:
-    """Median milliseconds of `fn` on the GPU."""
+def timed(fn, *args, repeats: int = 20, **kwargs) -> float:
+    """Median milliseconds of `fn(*args, **kwargs)` on the GPU."""
     for _ in range(3):
-        fn()
+        fn(*args, **kwargs)
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        fn(*args, **kwargs)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
@@ -57,13 +57,13 @@ def check_products(tokens: int) -> None:
         w = torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16) / d_in ** 0.5
         g = torch.randn(tokens, d_out, device="cuda", dtype=torch.bfloat16)
         rows = fp8.quantize_rows(x)
-        bf16 = timed(lambda: F.linear(x, w))
-        full = timed(lambda: fp8.linear(x, w))
-        shared = timed(lambda: fp8.linear(x, w, rows=rows))
-        quant = timed(lambda: fp8.quantize_rows(x))
+        bf16 = timed(F.linear, x, w)
+        full = timed(fp8.linear, x, w)
+        shared = timed(fp8.linear, x, w, rows=rows)
+        quant = timed(fp8.quantize_rows, x)
         err = relative(fp8.linear(x, w), F.linear(x, w))
-        dgrad_bf16 = timed(lambda: g @ w)
-        dgrad_fp8 = timed(lambda: fp8.input_grad(g, w))
+        dgrad_bf16 = timed(torch.matmul, g, w)
+        dgrad_fp8 = timed(fp8.input_grad, g, w)
         dgrad_err = relative(fp8.input_grad(g, w), g @ w)
         print(f"{d_in:>5}->{d_out:<6} {bf16:>8.3f} {full:>7.3f} {shared:>16.3f} {quant:>10.3f} {err:>8.2e} | "
               f"{dgrad_bf16:>10.3f} {dgrad_fp8:>9.3f} {dgrad_err:>8.2e}")
