@@ -249,3 +249,16 @@ def test_fp8_runs_frozen_dense_layers_through_the_toolkit_without_checkpointing(
     off = fastlora.paths_on(fp8_recipe(fp8_matmuls="none"))
     assert off["fp8"] == "none" and off["frozen_dense"] is False
     assert fastlora.paths_on(fp8_recipe(), "fsdp")["fp8"] == "none"
+
+
+def test_validate_says_when_matmuls_run_in_fp8(tmp_path, tiny_data, capsys, monkeypatch):
+    from conftest import tiny_recipe
+
+    from toolkit.cli import main
+
+    monkeypatch.setattr(prepare, "check_fp8", lambda *args: None)  # the plan, not the GPU check, is under test
+    recipe = tiny_recipe(tmp_path, tiny_data, train={"fp8_matmuls": "all"})
+    assert main(["validate", str(recipe)]) == 0
+    assert "none; frozen-weight matmuls in FP8 (all)" in " ".join(capsys.readouterr().out.split())
+    assert main(["validate", str(recipe), "--set", "train.fp8_matmuls=none"]) == 0
+    assert "FP8" not in capsys.readouterr().out

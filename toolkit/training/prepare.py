@@ -303,7 +303,8 @@ def show_plan(p: Prepared) -> None:
     rows = [
         ["model", r.model.name],
         ["device", f"{p.device.name} ({p.precision})"],
-        ["quantization", r.quantization.mode],
+        ["quantization", r.quantization.mode + (f"; frozen-weight matmuls in FP8 ({r.train.fp8_matmuls})"
+                                                if r.train.fp8_matmuls != "none" else "")],
         ["LoRA", f"r={r.lora.r} alpha={r.lora.alpha:g} dropout={r.lora.dropout:g} scope={r.lora.scope}"],
         ["LoRA modules", str(len(p.lora_modules))],
         ["train rows", f"{len(p.train.rows)} of {len(p.train.lengths)}"],
