@@ -12,6 +12,7 @@ from toolkit.commands.common import add_recipe_arguments, non_negative_int, posi
 from toolkit.config.recipe import load_recipe
 from toolkit.errors import ToolkitError
 from toolkit.io import files
+from toolkit.model import fastlora
 from toolkit.runs import rundir
 from toolkit.training import activations, distributed, fit, memory
 from toolkit.training.prepare import prepare, show_plan
@@ -136,6 +137,8 @@ def main(argv: list[str]) -> int:
     recipe = recipe.model_copy(update={"output_dir": str(run_dir)})
     prepared = prepare(recipe)  # recipe, data and targets fail here, before the run directory is touched
     activations.check_strategy(recipe.train, args.strategy)
+    if problem := fastlora.fp8_problem(recipe, args.strategy):
+        raise ToolkitError(problem)
     auto = {key: getattr(recipe.train, key) == "auto" for key in ("batch_size", "checkpoint_layers")}
     prepared, plan = memory.memory_plan(prepared)  # the auto settings become numbers here
     if plan:

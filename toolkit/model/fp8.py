@@ -24,7 +24,6 @@ import torch
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite e4m3fn value
 TINY = 1e-12  # an all-zero row gets this as its largest magnitude, so its scale is not zero
-MODES = ("none", "forward", "all")
 
 
 def available() -> bool:

@@ -52,11 +52,10 @@ def run_training(trainer, recipe, precision: str, strategy: str = "ddp", resume_
     the recipe says, LoRA and 8-bit layers run by `toolkit.model.fastlora` (where `fastlora.paths_on` allows) and
     checkpointed layers offloaded or chosen by `toolkit.training.activations`."""
     activations.check_strategy(recipe.train, strategy)
+    if problem := fastlora.fp8_problem(recipe, strategy):
+        raise ToolkitError(problem)
     checkpointing = activations.callback_for(recipe.train)
     compiled = compiling.compile_layers(trainer.model) if recipe.train.compile else []
-    problem = fastlora.fp8_problem(recipe, strategy)
-    if problem:
-        raise ToolkitError(problem)
     fused = fastlora.paths_on(recipe, strategy)
     fp8_layers = activations.text_decoder_layers(trainer.model) if fused["fp8"] != "none" else None
     with lora.training_casts(trainer.model, precision, recipe.lora.upcast_inputs, strategy), \
