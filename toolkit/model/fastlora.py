@@ -342,10 +342,11 @@ def fused_layers(model, *, lora: bool, int8_dequantize: bool, frozen_dense: bool
     mode = fp8_scope(fp8_layers, fp8)
 
     def switch(module, make, kind, count):
-        module.forward = make(module, kind, mode(module))
+        fp8_mode = mode(module)
+        module.forward = make(module, kind, fp8_mode)
         patched.append(module)
         counts[count] += 1
-        counts["fp8"] += mode(module) != "none"
+        counts["fp8"] += fp8_mode != "none"
 
     if lora:
         for _, module, kind in list(lora_linear_modules(model)):
