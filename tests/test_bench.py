@@ -106,7 +106,7 @@ def test_bench_measures_a_recipe_on_cpu(tmp_path, tiny_data):
     assert main(["bench", str(recipe), "--steps", "2", "--warmup", "1", "--lengths", "20:40", "--losses",
                  "--isolation", "none", "--json", str(out), "--compare", "plain@before: lora.upcast_inputs=true"]) == 0
     plain, fast = json.loads(out.read_text(encoding="utf-8"))["results"]
-    assert plain["fused_layers"] == {"lora": 0, "int8": 0, "nf4": 0, "dense": 0, "fp8": 0} and fast["fused_layers"]["lora"] == 16
+    assert plain["fused_layers"] == {"lora": 0, "int8": 0, "nf4": 0, "dense": 0, "fp8": 0, "fp8_held": 0} and fast["fused_layers"]["lora"] == 16
     assert plain["attention"] == fast["attention"] == "sdpa"  # auto on the CPU
     for result in (plain, fast):
         assert result["measured_steps"] == 2 and len(result["step_s"]) == 2 and len(result["losses"]) == 3

@@ -262,3 +262,145 @@ def test_validate_says_when_matmuls_run_in_fp8(tmp_path, tiny_data, capsys, monk
     assert "none; frozen-weight matmuls in FP8 (all)" in " ".join(capsys.readouterr().out.split())
     assert main(["validate", str(recipe), "--set", "train.fp8_matmuls=none"]) == 0
     assert "FP8" not in capsys.readouterr().out
+
+
+# ---- frozen weights held in FP8 for the block (all) ----
+
+
+def held_modules(model):
+    inside = {id(m) for layer in activations.text_decoder_layers(model) for m in layer.modules()}
+    return {name: module for name, module in model.named_modules()
+            if id(module) in inside and type(module) is torch.nn.Linear and not module.weight.requires_grad}
+
+
+def step_recording(model, record=None):
+    """fused_step's step with `all`, recording the rows of every tensor quantized after the block is entered."""
+    layers = activations.text_decoder_layers(model)
+    ids = torch.arange(24).reshape(2, 12) * 7 % 900
+    model.zero_grad()
+    torch.manual_seed(1)
+    with fastlora.fused_layers(model, lora=True, int8_dequantize=False, frozen_dense=True, fp8="all",
+                               fp8_layers=layers) as counts:
+        if record is not None:
+            record(counts)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_all_quantizes_each_frozen_weight_once_and_trains_exactly_as_quantizing_every_pass(monkeypatch):
+    """With `all` a frozen bf16 weight is needed only in e4m3: it is quantized when the block starts, the step
+    quantizes only activations and gradients (24 rows each here), and loss and gradients are bit for bit those of
+    quantizing the weight in every pass; the bf16 weights are emptied for the block and come back unchanged."""
+    model = tiny_peft_model(dropout=0.1).to(torch.bfloat16)
+    modules = held_modules(model)
+    before = {name: module.weight.detach().clone() for name, module in modules.items()}
+    assert len(modules) == 7 * 3  # q, k, v, o (LoRA's base layers), gate, up, down in 3 self-attention layers
+    with monkeypatch.context() as patch:
+        patch.setattr(fastlora, "holdable", lambda module, mode: False)
+        every_pass = step_recording(model)
+    rows = []
+    quantize = fp8.quantize_rows
+
+    def record(counts):
+        assert counts["fp8_held"] == len(modules) and counts["fp8"] == 4 * 3 + 7 * 3
+        assert all(module.weight.numel() == 0 and fastlora.resident(module) is not None
+                   for module in modules.values())
+        monkeypatch.setattr(fp8, "quantize_rows", lambda x: rows.append(x.shape[0]) or quantize(x))
+
+    held = step_recording(model, record)
+    assert rows and set(rows) == {24}
+    assert held[0] == every_pass[0] and held[1].keys() == every_pass[1].keys()
+    assert all(torch.equal(held[1][name], grad) for name, grad in every_pass[1].items())
+    for name, module in modules.items():
+        assert torch.equal(module.weight, before[name]) and fastlora.RESIDENT not in vars(module), name
+
+
+def test_a_pass_without_gradients_runs_on_the_held_weights():
+    """Evaluation and sample answers during training run without gradients, through PEFT's own forward: the held
+    layers answer them from their e4m3 copies (their bf16 weights are away), as the step with gradients does."""
+    model = tiny_peft_model().to(torch.bfloat16).eval()
+    ids = torch.arange(24).reshape(2, 12) * 7 % 900
+    layers = activations.text_decoder_layers(model)
+    with fastlora.fused_layers(model, lora=True, int8_dequantize=False, frozen_dense=True, fp8="all",
+                               fp8_layers=layers) as counts:
+        assert counts["fp8_held"] == 21
+        with_grads = model(input_ids=ids, labels=ids).loss.item()
+        with torch.no_grad():
+            without = model(input_ids=ids, labels=ids).loss.item()
+    with torch.no_grad():
+        bf16 = model(input_ids=ids, labels=ids).loss.item()
+    assert without == pytest.approx(with_grads, rel=2e-3) and without != bf16
+
+
+def test_held_weights_come_back_when_training_fails():
+    model = tiny_peft_model().to(torch.bfloat16)
+    modules = held_modules(model)
+    before = {name: module.weight.detach().clone() for name, module in modules.items()}
+    layers = activations.text_decoder_layers(model)
+    with pytest.raises(RuntimeError, match="the step failed"), \
+            fastlora.fused_layers(model, lora=True, int8_dequantize=False, frozen_dense=True, fp8="all",
+                                  fp8_layers=layers):
+        raise RuntimeError("the step failed")
+    for name, module in modules.items():
+        assert torch.equal(module.weight, before[name]) and fastlora.RESIDENT not in vars(module)
+        assert "forward" not in vars(module)
+
+
+def test_only_all_over_16_bit_frozen_weights_is_held():
+    """`forward` needs the bf16 weight for backward's input gradient, an fp32 weight would be quantized from other
+    values than the per-pass path's, and a weight being trained changes every step."""
+    model = tiny_peft_model().to(torch.bfloat16)
+    layers = activations.text_decoder_layers(model)
+    for mode in ("forward", "none"):
+        with fastlora.fused_layers(model, lora=True, int8_dequantize=False, frozen_dense=True, fp8=mode,
+                                   fp8_layers=layers) as counts:
+            assert counts["fp8_held"] == 0
+    linear = torch.nn.Linear(32, 16).requires_grad_(False)
+    assert not fastlora.holdable(linear, "all")  # fp32
+    assert fastlora.holdable(linear.to(torch.bfloat16), "all") and not fastlora.holdable(linear, "forward")
+    linear.bias.requires_grad_(True)
+    assert not fastlora.holdable(linear, "all")
+
+
+@pytest.fixture(scope="module")
+def full_size_text():
+    from toolkit.bench.harness import full_size_config
+
+    return full_size_config().get_text_config()
+
+
+def test_the_host_memory_of_held_weights_is_counted_and_checked(full_size_text, tmp_path, tiny_data, monkeypatch):
+    from dataclasses import replace
+
+    from conftest import tiny_recipe
+
+    from toolkit import api
+    from toolkit.training import memory
+
+    held = memory.Setup(fp8_held=True)
+    # 32 self-attention layers x (q, o: 4096 x 4096; k, v: 4096 x 1024; gate, up, down: 4096 x 14336) x 2 bytes
+    assert memory.held_weight_bytes(full_size_text, held) == 32 * 218_103_808 * 2
+    assert memory.held_weight_bytes(full_size_text, memory.Setup()) == 0
+    assert memory.Setup.from_recipe(fp8_recipe(fp8_matmuls="all"), "bf16").fp8_held
+    assert not memory.Setup.from_recipe(fp8_recipe(fp8_matmuls="forward"), "bf16").fp8_held
+    assert not memory.Setup.from_recipe(fp8_recipe(fp8_matmuls="all"), "bf16", "fsdp").fp8_held
+    four_bit = recipe_from_dict({"model": {"name": "builtin:tiny-mllama"}, "data": {"train": "unused.jsonl"},
+                                 "train": {"fp8_matmuls": "all"}, "quantization": {"mode": "4bit"}})
+    assert not memory.Setup.from_recipe(four_bit, "bf16").fp8_held
+
+    monkeypatch.setattr(prepare, "check_fp8", lambda *args: None)  # the host check, not the GPU check, is under test
+    prepared = api.plan(tiny_recipe(tmp_path, tiny_data, train={"fp8_matmuls": "all", "precision": "bf16"}))
+    need = memory.held_weight_bytes(prepared.model_config.get_text_config(),
+                                    memory.Setup.from_recipe(prepared.recipe, prepared.precision))
+    assert need == 3 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 256) * 2
+    memory.check_host_memory(prepared, available=0)  # on the CPU the weights stay where they are
+    on_gpu = replace(prepared, device=Accelerator(cuda=True, bf16=True, name="gpu"))
+    memory.check_host_memory(on_gpu, available=need)  # exactly enough: fine
+    with pytest.raises(ToolkitError) as refused:
+        memory.check_host_memory(on_gpu, processes=2, available=need)
+    assert str(refused.value) == (
+        f"training keeps about {2 * need / 2**20:.2f} MiB in host memory (2 training processes): "
+        f"{2 * need / 2**20:.2f} MiB of bf16 decoder weights, set aside while train.fp8_matmuls=all trains their "
+        f"FP8 copies; this machine has {need / 2**20:.2f} MiB available; set train.fp8_matmuls: forward (its "
+        "weights stay on the GPU)")

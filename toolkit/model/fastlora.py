@@ -97,10 +97,19 @@ def frozen_bias(layer, dtype):
     return None if layer.bias is None else layer.bias.to(dtype)
 
 
+RESIDENT = "toolkit_fp8_weight"  # attribute of a frozen nn.Linear whose weight is held in FP8 (`resident_weights`)
+
+
+def resident(layer):
+    """The layer's `fp8.ResidentWeight` while `fused_layers` holds its weight in FP8, else None."""
+    return vars(layer).get(RESIDENT)
+
+
 def base_product(source: torch.Tensor, flat: torch.Tensor, layer, kind: str, dtype, fp8_mode: str) -> torch.Tensor:
     """`flat @ W^T + b` for the frozen base layer, through FP8 unless `fp8_mode` is none (`source`: the tensor
     `flat` was reshaped from, by which q, k and v share one quantization of their common input)."""
-    weight, bias = dense_weight(layer, kind, dtype), frozen_bias(layer, dtype)
+    held = resident(layer)
+    weight, bias = held if held is not None else dense_weight(layer, kind, dtype), frozen_bias(layer, dtype)
     if fp8_mode == "none":
         return F.linear(flat, weight, bias)
     return fp8_matmuls.linear(flat, weight, bias, rows=fp8_matmuls.LAST_INPUT.get(source, flat))
@@ -108,7 +117,8 @@ def base_product(source: torch.Tensor, flat: torch.Tensor, layer, kind: str, dty
 
 def base_input_grad(grad: torch.Tensor, layer, kind: str, dtype, fp8_mode: str) -> torch.Tensor:
     """`grad @ W` for a 2-D `grad`, through FP8 when `fp8_mode` is all."""
-    weight = dense_weight(layer, kind, dtype)
+    held = resident(layer)
+    weight = held if held is not None else dense_weight(layer, kind, dtype)
     return fp8_matmuls.input_grad(grad, weight) if fp8_mode == "all" else grad @ weight
 
 
@@ -268,6 +278,8 @@ def make_frozen_forward(module, kind: str, fp8_mode: str = "none"):
     own_forward = module.forward
 
     def forward(x, *args, **kwargs):
+        if resident(module) is not None:  # its bf16 weight is away: every call, with gradients or not, runs here
+            return FrozenLinearFunction.apply(x, module, kind, fp8_mode)
         if args or kwargs or not torch.is_grad_enabled() or module.weight.requires_grad or \
                 (module.bias is not None and module.bias.requires_grad) or repacked(module, kind):
             return own_forward(x, *args, **kwargs)
@@ -330,15 +342,44 @@ def fp8_scope(layers, fp8_mode: str):
     return mode
 
 
+def holdable(module, fp8_mode: str) -> bool:
+    """A frozen plain linear layer whose every product runs in FP8 (`all`) from a 16-bit weight: its bf16 weight is
+    then needed by nothing while training, and can give its GPU memory to the two e4m3 copies."""
+    weight = module.weight
+    return (fp8_mode == "all" and type(module) is torch.nn.Linear and not weight.requires_grad
+            and (module.bias is None or not module.bias.requires_grad)
+            and weight.dtype in (torch.bfloat16, torch.float16) and weight.dim() == 2)
+
+
+def hold_in_fp8(module, held: list) -> None:
+    """Quantize the module's weight once (`fp8.ResidentWeight`) and move the 16-bit matrix to host memory (on the
+    CPU it stays where it is; only the parameter is emptied, so that nothing can read it by mistake); `held` gets
+    (module, the matrix) for `give_back`."""
+    weight = module.weight
+    vars(module)[RESIDENT] = fp8_matmuls.ResidentWeight(weight.data)
+    away = weight.data.to("cpu") if weight.is_cuda else weight.data
+    held.append((module, away))
+    weight.data = weight.data.new_empty(0)
+
+
+def give_back(held: list) -> None:
+    """Put every held weight back on its module's device and drop the e4m3 copies."""
+    while held:
+        module, away = held.pop()
+        module.weight.data = away.to(module.weight.device)
+        vars(module).pop(RESIDENT, None)
+
+
 @contextmanager
 def fused_layers(model, *, lora: bool, int8_dequantize: bool, frozen_dense: bool = False, fp8: str = "none",
                  fp8_layers=None):
     """Run LoRA layers (`lora`), bitsandbytes 8-bit layers (`int8_dequantize`), frozen dense linear layers
     (`frozen_dense`) and, with FP8, bitsandbytes 4-bit layers through the functions above for the duration of the
     block, those inside `fp8_layers` with their frozen matmuls in FP8 (`fp8`: forward, or all, the input gradient
-    too); returns how many modules of each were switched ("fp8": how many of those multiply in FP8)."""
-    patched = []
-    counts = {"lora": 0, "int8": 0, "nf4": 0, "dense": 0, "fp8": 0}
+    too); returns how many modules of each were switched ("fp8": how many of those multiply in FP8; "fp8_held":
+    how many frozen dense layers hold their weight in FP8 for the block, their bf16 weights in host memory)."""
+    patched, held = [], []
+    counts = {"lora": 0, "int8": 0, "nf4": 0, "dense": 0, "fp8": 0, "fp8_held": 0}
     mode = fp8_scope(fp8_layers, fp8)
 
     def switch(module, make, kind, count):
@@ -347,22 +388,26 @@ def fused_layers(model, *, lora: bool, int8_dequantize: bool, frozen_dense: bool
         patched.append(module)
         counts[count] += 1
         counts["fp8"] += fp8_mode != "none"
+        if count == "dense" and holdable(module, fp8_mode):
+            hold_in_fp8(module, held)
+            counts["fp8_held"] += 1
 
-    if lora:
-        for _, module, kind in list(lora_linear_modules(model)):
-            if (kind != "8bit" or int8_dequantize) and patchable(module):
-                switch(module, make_lora_forward, kind, "lora")
-    frozen = ((int8_dequantize, frozen_int8_modules, "8bit", "int8"),
-              (fp8 != "none", frozen_4bit_modules, "4bit", "nf4"),
-              (frozen_dense, frozen_dense_modules, "dense", "dense"))
-    for wanted, modules, kind, count in frozen:
-        for _, module in list(modules(model)) if wanted else ():
-            if patchable(module):
-                switch(module, make_frozen_forward, kind, count)
     try:
+        if lora:
+            for _, module, kind in list(lora_linear_modules(model)):
+                if (kind != "8bit" or int8_dequantize) and patchable(module):
+                    switch(module, make_lora_forward, kind, "lora")
+        frozen = ((int8_dequantize, frozen_int8_modules, "8bit", "int8"),
+                  (fp8 != "none", frozen_4bit_modules, "4bit", "nf4"),
+                  (frozen_dense, frozen_dense_modules, "dense", "dense"))
+        for wanted, modules, kind, count in frozen:
+            for _, module in list(modules(model)) if wanted else ():
+                if patchable(module):
+                    switch(module, make_frozen_forward, kind, count)
         yield counts
     finally:
         fp8_matmuls.LAST_INPUT.clear()
+        give_back(held)
         for module in patched:
             del module.forward
 

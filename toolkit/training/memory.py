@@ -39,6 +39,7 @@ class Setup:
     adapted_per_layer: int = 4  # LoRA modules in one decoder layer
     compute_bytes: int = 2  # bf16/fp16; 4 for fp32
     skip_modules: tuple[str, ...] | None = None  # quantization.skip_modules: linear layers left unquantized
+    fp8_held: bool = False  # decoder weights trained through e4m3 copies, the 16-bit ones in host memory meanwhile
 
     @classmethod
     def from_recipe(cls, recipe, precision: str, strategy: str = "ddp") -> "Setup":
@@ -56,7 +57,9 @@ class Setup:
                    dropout=recipe.lora.dropout, upcast_inputs=recipe.lora.upcast_inputs,
                    adapted_per_layer=per_layer,
                    compute_bytes=4 if precision == "fp32" else 2,
-                   skip_modules=tuple(skip) if (skip := recipe.quantization.skip_modules) else None)
+                   skip_modules=tuple(skip) if (skip := recipe.quantization.skip_modules) else None,
+                   fp8_held=fused["fp8"] == "all" and fused["frozen_dense"] and recipe.quantization.mode == "none"
+                   and precision != "fp32")
 
 
 # ---- weights ----
@@ -171,6 +174,24 @@ def host_bytes(text_config, setup: Setup, rows: int, tokens: int) -> int:
     return checkpointed_layers(text_config, setup) * pinned_block_bytes(one_input)
 
 
+def held_weight_bytes(text_config, setup: Setup) -> int:
+    """Host memory for the 16-bit decoder weights `fastlora.fused_layers` moves there while their e4m3 copies
+    train (`train.fp8_matmuls: all` over unquantized weights): the seven projections of every self-attention layer
+    whose shape the FP8 product takes. The e4m3 pair takes their place on the GPU at the same size (one byte each),
+    so the GPU count does not change."""
+    if not setup.fp8_held:
+        return 0
+    from toolkit.model import fp8
+
+    h, heads = text_config.hidden_size, text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or h // heads
+    q, kv = heads * head_dim, getattr(text_config, "num_key_value_heads", heads) * head_dim
+    inter = text_config.intermediate_size
+    shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)]  # (in, out) of q k v o gate up down
+    per_layer = sum(i * o for i, o in shapes if fp8.fits(i, o))
+    return text_layers(text_config) * per_layer * setup.compute_bytes
+
+
 # ---- images ----
 
 
@@ -222,6 +243,7 @@ class Plan:
     budget_gib: float
     checkpoint_layers: int | None = None  # None: all (or no checkpointing)
     host_gib: float = 0.0  # offloaded layer inputs, in pinned host memory
+    held_gib: float = 0.0  # 16-bit decoder weights in host memory while their FP8 copies train
 
     def peak_gib(self, batch: int | None = None) -> float:
         return self.weights_gib + (batch or self.batch_size) * self.per_row_gib + RESERVE_BYTES / GIB
@@ -263,7 +285,8 @@ def plan_batch(meta_model, text_config, setup: Setup, longest_row: int, budget_g
         setup = replace(setup, checkpoint_layers=layers)
     per_row = tokens * activation_bytes_per_token(text_config, setup) + image_row_bytes
     host = host_bytes(text_config, setup, batch, tokens)
-    return Plan(batch, weights / GIB, per_row / GIB, budget_gib, setup.checkpoint_layers, host / GIB)
+    return Plan(batch, weights / GIB, per_row / GIB, budget_gib, setup.checkpoint_layers, host / GIB,
+                held_weight_bytes(text_config, setup) / GIB)
 
 
 def estimate(recipe, model_config, lengths: list[int], precision: str, images: int = 0,
@@ -377,26 +400,49 @@ def available_host_bytes() -> int | None:
     return None
 
 
-def check_host_memory(prepared, processes: int = 1, available: int | None = None) -> None:
-    """Refuse offloading whose layer inputs would not fit the host's free memory. On a GPU they are pinned, which
-    the OS can neither swap nor reclaim: a run that asks for more than is free is ended by the kernel's OOM killer
-    in its first long batch, with no message, or takes the memory of everything else on the machine."""
+def offloaded_bytes(prepared) -> int:
+    """Pinned host memory of the offloaded layer inputs of one training process (0 without offloading, or before
+    `memory_plan` has resolved `auto` settings: training is given the resolved recipe)."""
     recipe = prepared.recipe
     if recipe.train.gradient_checkpointing != "offload" or not prepared.lengths:
-        return
+        return 0
     if recipe.train.batch_size == "auto" or recipe.train.checkpoint_layers == "auto":
-        return  # not resolved yet: `memory_plan` resolves them, and training is given the resolved recipe
+        return 0
     tokens = padded(max(prepared.lengths), pad_multiple(prepared.precision))
-    need = processes * host_bytes(prepared.model_config.get_text_config(),
-                                  Setup.from_recipe(recipe, prepared.precision), recipe.train.batch_size, tokens)
+    return host_bytes(prepared.model_config.get_text_config(), Setup.from_recipe(recipe, prepared.precision),
+                      recipe.train.batch_size, tokens)
+
+
+def check_host_memory(prepared, processes: int = 1, available: int | None = None) -> None:
+    """Refuse a run whose host memory would not fit the host's free memory: offloaded layer inputs, and the 16-bit
+    decoder weights set aside while FP8 copies train (on a GPU; on the CPU they stay where they are). Offloaded
+    inputs are pinned, which the OS can neither swap nor reclaim: a run that asks for more than is free is ended by
+    the kernel's OOM killer in its first long batch, with no message, or takes the memory of everything else on
+    the machine."""
+    recipe = prepared.recipe
+    pinned = offloaded_bytes(prepared)
+    held = 0
+    if prepared.device.cuda:
+        held = held_weight_bytes(prepared.model_config.get_text_config(), Setup.from_recipe(recipe, prepared.precision))
+    need = processes * (pinned + held)
+    if not need:
+        return
     available = available_host_bytes() if available is None else available
-    if available is not None and need > available:
-        each = f" ({processes} training processes)" if processes > 1 else ""
+    if available is None or need <= available:
+        return
+    each = f" ({processes} training processes)" if processes > 1 else ""
+    if not held:
         raise ToolkitError(
             f"train.gradient_checkpointing=offload keeps about {shown_bytes(need)} of layer inputs in host "
             f"memory{each} for {recipe.train.batch_size} rows of up to {max(prepared.lengths)} tokens, but this "
             f"machine has {shown_bytes(available)} available; lower train.batch_size or use "
             "train.gradient_checkpointing: true")
+    inputs = f"{shown_bytes(processes * pinned)} of offloaded layer inputs and " if pinned else ""
+    raise ToolkitError(
+        f"training keeps about {shown_bytes(need)} in host memory{each}: {inputs}{shown_bytes(processes * held)} of "
+        f"bf16 decoder weights, set aside while train.fp8_matmuls=all trains their FP8 copies; this machine has "
+        f"{shown_bytes(available)} available; set train.fp8_matmuls: forward (its weights stay on the GPU)"
+        + (" or lower train.batch_size" if pinned else ""))
 
 
 def shown_bytes(n: float) -> str:
@@ -413,4 +459,7 @@ def plan_note(plan: Plan, recipe) -> str:
         parts.append(f"checkpointed layers: {layers}")
     if mode == "offload":
         parts.append(f"{plan.host_gib:.1f} GiB of layer inputs in host memory")
+    if plan.held_gib:
+        parts.append(f"{shown_bytes(plan.held_gib * GIB)} of bf16 decoder weights in host memory while their FP8 "
+                     "copies train")
     return "; ".join(parts)
