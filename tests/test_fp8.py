@@ -317,8 +317,9 @@ def test_all_quantizes_each_frozen_weight_once_and_trains_exactly_as_quantizing_
 
 
 def test_a_pass_without_gradients_runs_on_the_held_weights():
-    """Evaluation and sample answers during training run without gradients, through PEFT's own forward: the held
-    layers answer them from their e4m3 copies (their bf16 weights are away), as the step with gradients does."""
+    """Evaluation and sample answers during training run without gradients (samples in inference mode), through
+    PEFT's own forward: the held layers answer them from their e4m3 copies (their bf16 weights are away), as the
+    step with gradients does."""
     model = tiny_peft_model().to(torch.bfloat16).eval()
     ids = torch.arange(24).reshape(2, 12) * 7 % 900
     layers = activations.text_decoder_layers(model)
@@ -328,9 +329,12 @@ def test_a_pass_without_gradients_runs_on_the_held_weights():
         with_grads = model(input_ids=ids, labels=ids).loss.item()
         with torch.no_grad():
             without = model(input_ids=ids, labels=ids).loss.item()
+        with torch.inference_mode():  # as sample answers during training run
+            inferred = model(input_ids=ids, labels=ids).loss.item()
     with torch.no_grad():
         bf16 = model(input_ids=ids, labels=ids).loss.item()
     assert without == pytest.approx(with_grads, rel=2e-3) and without != bf16
+    assert inferred == without
 
 
 def test_held_weights_come_back_when_training_fails():

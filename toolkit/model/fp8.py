@@ -102,7 +102,8 @@ class LastInput:
 
     q, k and v read the same normalized hidden states, as do the MLP's gate and up projections; each is a separate
     module, so without this the same rows would be quantized three times (and twice). One slot: the next different
-    input replaces it."""
+    input replaces it. A tensor made under `torch.inference_mode` (generation during training) has no version
+    counter to tell an in-place change by, so its rows are quantized every time and not kept."""
 
     def __init__(self):
         self.source = None
@@ -110,6 +111,8 @@ class LastInput:
         self.rows = None
 
     def get(self, source: torch.Tensor, flat: torch.Tensor):
+        if source.is_inference():
+            return quantize_rows(flat)
         if self.source is not None and self.source() is source and self.version == source._version:
             return self.rows
         self.rows = quantize_rows(flat)
