@@ -351,6 +351,35 @@ def test_held_weights_come_back_when_training_fails():
         assert "forward" not in vars(module)
 
 
+def test_a_failure_while_holding_leaves_every_weight_as_it_was(monkeypatch):
+    """Holding runs layer by layer before training starts; if one fails (no GPU memory for the e4m3 copies, no host
+    memory for the bf16 matrix), the layers held before it get their weights back and none keeps an e4m3 copy."""
+    model = tiny_peft_model().to(torch.bfloat16)
+    modules = held_modules(model)
+    before = {name: module.weight.detach().clone() for name, module in modules.items()}
+    layers = activations.text_decoder_layers(model)
+    for failing, step in ((fp8, "ResidentWeight"), (fastlora, "set_aside")):  # the e4m3 copies, the host copy
+        made = []
+        original = getattr(failing, step)
+
+        def fifth_fails(weight, original=original, made=made):
+            made.append(weight.shape)
+            if len(made) == 5:
+                raise torch.OutOfMemoryError("no memory for the fifth")
+            return original(weight)
+
+        monkeypatch.setattr(failing, step, fifth_fails)
+        with pytest.raises(torch.OutOfMemoryError), \
+                fastlora.fused_layers(model, lora=True, int8_dequantize=False, frozen_dense=True, fp8="all",
+                                      fp8_layers=layers):
+            pass
+        monkeypatch.undo()
+        assert len(made) == 5, step
+        for name, module in modules.items():
+            assert torch.equal(module.weight, before[name]) and fastlora.RESIDENT not in vars(module), (step, name)
+            assert "forward" not in vars(module)
+
+
 def test_only_all_over_16_bit_frozen_weights_is_held():
     """`forward` needs the bf16 weight for backward's input gradient, an fp32 weight would be quantized from other
     values than the per-pass path's, and a weight being trained changes every step."""

@@ -356,10 +356,16 @@ def hold_in_fp8(module, held: list) -> None:
     CPU it stays where it is; only the parameter is emptied, so that nothing can read it by mistake); `held` gets
     (module, the matrix) for `give_back`."""
     weight = module.weight
-    vars(module)[RESIDENT] = fp8_matmuls.ResidentWeight(weight.data)
-    away = weight.data.to("cpu") if weight.is_cuda else weight.data
-    held.append((module, away))
+    quantized = fp8_matmuls.ResidentWeight(weight.data)
+    away = set_aside(weight.data)
+    held.append((module, away))  # from here on `give_back` restores it, whatever fails next
     weight.data = weight.data.new_empty(0)
+    vars(module)[RESIDENT] = quantized
+
+
+def set_aside(matrix: torch.Tensor) -> torch.Tensor:
+    """A GPU matrix copied to host memory; a CPU one as it is."""
+    return matrix.to("cpu") if matrix.is_cuda else matrix
 
 
 def give_back(held: list) -> None:
