@@ -97,7 +97,7 @@ def frozen_bias(layer, dtype):
     return None if layer.bias is None else layer.bias.to(dtype)
 
 
-RESIDENT = "toolkit_fp8_weight"  # attribute of a frozen nn.Linear whose weight is held in FP8 (`resident_weights`)
+RESIDENT = "toolkit_fp8_weight"  # attribute of a frozen nn.Linear whose weight is held in FP8 (`hold_in_fp8`)
 
 
 def resident(layer):
@@ -109,7 +109,8 @@ def base_product(source: torch.Tensor, flat: torch.Tensor, layer, kind: str, dty
     """`flat @ W^T + b` for the frozen base layer, through FP8 unless `fp8_mode` is none (`source`: the tensor
     `flat` was reshaped from, by which q, k and v share one quantization of their common input)."""
     held = resident(layer)
-    weight, bias = held if held is not None else dense_weight(layer, kind, dtype), frozen_bias(layer, dtype)
+    weight = held if held is not None else dense_weight(layer, kind, dtype)
+    bias = frozen_bias(layer, dtype)
     if fp8_mode == "none":
         return F.linear(flat, weight, bias)
     return fp8_matmuls.linear(flat, weight, bias, rows=fp8_matmuls.LAST_INPUT.get(source, flat))

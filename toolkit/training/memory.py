@@ -58,8 +58,7 @@ class Setup:
                    adapted_per_layer=per_layer,
                    compute_bytes=4 if precision == "fp32" else 2,
                    skip_modules=tuple(skip) if (skip := recipe.quantization.skip_modules) else None,
-                   fp8_held=fused["fp8"] == "all" and fused["frozen_dense"] and recipe.quantization.mode == "none"
-                   and precision != "fp32")
+                   fp8_held=fused["fp8"] == "all" and recipe.quantization.mode == "none" and precision != "fp32")
 
 
 # ---- weights ----
