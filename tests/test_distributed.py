@@ -84,11 +84,36 @@ def node_commands(recipe, run_dir, *extra) -> list[list[str]]:
              "-m", "toolkit", "sft", str(recipe), "--output-dir", str(run_dir), *extra] for rank in (0, 1)]
 
 
-def run_nodes(commands) -> list:
+def run_nodes(commands, timeout: float = 300) -> list:
+    """(exit code, output) of each node. Each writes to a file of its own rather than a pipe that nobody reads while
+    the test waits for the other node (a full pipe blocks its node). Nodes still running after `timeout` seconds
+    are killed and the test fails with what each printed, so a hang says where it hung."""
+    import contextlib
     import subprocess
+    import tempfile
 
-    nodes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
-    return [(node.wait(timeout=300), node.stdout.read()) for node in nodes]
+    with contextlib.ExitStack() as files:
+        outputs = [files.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8")) for _ in commands]
+        nodes = [subprocess.Popen(c, stdout=out, stderr=subprocess.STDOUT, text=True)
+                 for c, out in zip(commands, outputs)]
+        hung = False
+        try:
+            codes = [node.wait(timeout=timeout) for node in nodes]
+        except subprocess.TimeoutExpired:
+            hung = True
+        finally:
+            for node in nodes:
+                if node.poll() is None:  # a node left hanging is not left running after the test
+                    node.kill()
+                    node.wait()
+        for out in outputs:
+            out.seek(0)
+        printed = [out.read() for out in outputs]
+    if hung:
+        pytest.fail(f"a node was still running after {timeout:g} s; what each printed:\n" +
+                    "\n".join(f"--- node {rank} (exit {node.returncode}) ---\n{text[-4000:]}"
+                              for rank, (node, text) in enumerate(zip(nodes, printed))))
+    return list(zip(codes, printed))
 
 
 @pytest.fixture(scope="module")
